@@ -1,0 +1,213 @@
+"""Command-line interface: parsing and validation only; each command calls one function.
+
+Heavy imports (torch, MONAI) happen inside the command functions so ``--help`` and
+flag errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from spleen_seg import __version__
+from spleen_seg.errors import ConfigError, SpleenSegError
+
+EXIT_USER_ERROR = 2
+WEIGHTS_HELP = (
+    "no weights given: pass --weights PATH (a bundle models/model.pt state dict or a TorchScript model.ts), "
+    "e.g. trained with 'spleen-seg train'"
+)
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"folder not found: {value}")
+    return path
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {value}")
+    return path
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    return 0 if value.strip() == "0" else _positive_int(value)
+
+
+def _device(value: str) -> str:
+    from spleen_seg.config import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got '{value}'")
+    return value
+
+
+def _override(value: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON/Python-literal value, as ``monai.bundle run --key value``."""
+    import ast
+
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"override must be KEY=VALUE, got '{value}'")
+    key, raw = value.split("=", 1)
+    try:
+        parsed: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        parsed = raw
+    return key, parsed
+
+
+def _add_bundle_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset-dir", type=_existing_dir, required=True, help="MSD Task09 folder (imagesTr/, labelsTr/)")
+    parser.add_argument("--bundle-root", type=Path, default=Path("runs/spleen"), help="run folder: configs/, models/, eval/")
+    parser.add_argument("--val-count", type=_positive_int, help="last N labelled cases validate (bundle: 9)")
+    parser.add_argument("--num-workers", type=_non_negative_int, help="data loader workers (bundle: 4)")
+    parser.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                        metavar="ID=VALUE", help="any bundle override, e.g. --set train#dataloader#batch_size=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation in CT (MONAI bundle compatible)")
+    parser.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment NIfTI CT volumes (files or folders)")
+    seg.add_argument("inputs", nargs="+", help="NIfTI files (.nii, .nii.gz) or folders of them")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder: <case>/spleen.nii.gz")
+    seg.add_argument("--weights", type=_existing_file, help="state dict (models/model.pt) or TorchScript (.ts)")
+    seg.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+
+    train = sub.add_parser("train", help="train with the bundle's train.json")
+    _add_bundle_run_flags(train)
+    train.add_argument("--epochs", type=_positive_int, help="maximum epochs (bundle: 600)")
+    train.add_argument("--val-interval", type=_positive_int, help="validate every N epochs (bundle: 5)")
+    train.add_argument("--resume", action="store_true", help="continue from the last every-epoch checkpoint")
+
+    ev = sub.add_parser("evaluate", help="evaluate with the bundle's evaluate.json (original image space)")
+    _add_bundle_run_flags(ev)
+    ev.add_argument("--weights", type=_existing_file, help="weights to evaluate (default: <bundle-root>/models/model.pt)")
+
+    demo = sub.add_parser("demo", help="segment a built-in synthetic phantom with the demo weights")
+    demo.add_argument("--seed", type=int, default=2026, help="phantom seed")
+    demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder")
+    demo.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+
+    data = sub.add_parser("data", help="datasets: download MSD Task09, make phantoms")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    phantom = data_sub.add_parser("phantom", help="write synthetic CT phantoms in the MSD layout")
+    phantom.add_argument("--out", type=Path, required=True, help="dataset folder to create")
+    phantom.add_argument("-n", "--num-cases", type=_positive_int, default=24, help="labelled cases (imagesTr)")
+    phantom.add_argument("--num-test", type=_non_negative_int, default=0, help="unlabelled cases (imagesTs)")
+    phantom.add_argument("--seed", type=int, default=0, help="dataset seed")
+    download = data_sub.add_parser("download", help="download and extract MSD Task09_Spleen")
+    download.add_argument("--root", type=Path, help="cache folder (default: $SPLEEN_SEG_DATA or ~/.cache/spleen-seg/data)")
+    return parser
+
+
+def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"dataset_dir": str(args.dataset_dir.resolve()), "device_name": args.device}
+    for flag, key in (("val_count", "val_count"), ("num_workers", "num_workers"), ("epochs", "epochs"),
+                      ("val_interval", "val_interval")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "resume", False):
+        overrides["resume"] = True
+    overrides.update(dict(args.overrides))
+    return overrides
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from spleen_seg.infer import collect_inputs, segment_files
+    from spleen_seg.network import resolve_device
+
+    if args.weights is None:
+        raise ConfigError(WEIGHTS_HELP)
+    device = resolve_device(args.device)
+    inputs = collect_inputs(args.inputs)
+    results = segment_files(inputs, args.output, args.weights, device, progress=not args.quiet)
+    failures = [r for r in results if r.error]
+    for r in results:
+        if r.error is None:
+            print(f"{r.source}: spleen {r.spleen_ml:.1f} mL -> {r.output} ({r.seconds:.1f} s)")
+    for r in failures:
+        print(f"error: {r.error}", file=sys.stderr)
+    if failures:
+        print(f"{len(results) - len(failures)} of {len(results)} inputs segmented; {len(failures)} failed", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spleen_seg.train import train
+
+    best = train(args.bundle_root, _bundle_overrides(args))
+    print(f"best validation mean Dice {best:.4f}; weights: {args.bundle_root / 'models' / 'model.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from spleen_seg.evaluate import evaluate
+
+    overrides = _bundle_overrides(args)
+    if args.weights is not None:
+        overrides["validate#handlers#0#load_path"] = str(args.weights.resolve())
+    mean_dice = evaluate(args.bundle_root, overrides)
+    print(f"mean Dice {mean_dice:.4f}; per-case metrics: {args.bundle_root / 'eval' / 'case_metrics.csv'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from spleen_seg.demo import run_demo
+
+    summary = run_demo(args.output, seed=args.seed, device_name=args.device, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "phantom":
+        from spleen_seg.phantom import write_msd_dataset
+
+        out = write_msd_dataset(args.out, args.num_cases, args.seed, n_test=args.num_test, progress=not args.quiet)
+        print(f"wrote {args.num_cases} labelled + {args.num_test} test phantoms to {out}")
+        return 0
+    from spleen_seg.data import default_data_root, download_msd_spleen
+
+    dataset = download_msd_spleen(args.root or default_data_root(), progress=not args.quiet)
+    print(f"MSD Task09 Spleen ready at {dataset}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SpleenSegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

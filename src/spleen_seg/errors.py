@@ -1,0 +1,32 @@
+"""Project error types.
+
+Every error a user can cause (bad file, bad flag, bad config value) is raised as a
+``SpleenSegError`` whose message names the file or value, what was expected and how
+to fix it. The CLI turns these into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+
+class SpleenSegError(ValueError):
+    """Base class for errors caused by user input."""
+
+
+class InputImageError(SpleenSegError):
+    """An input image is missing, unreadable or unusable (2D, NaNs, constant)."""
+
+
+class ConfigError(SpleenSegError):
+    """A configuration value or command-line flag is invalid."""
+
+
+class DatasetError(SpleenSegError):
+    """A dataset folder does not follow the expected layout."""
+
+
+class DownloadError(SpleenSegError):
+    """A download failed, was cut short or did not match its checksum."""
+
+
+class WeightsError(SpleenSegError):
+    """A weights file is missing, unreadable or does not fit the network."""

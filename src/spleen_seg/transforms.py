@@ -1,0 +1,117 @@
+"""Pre- and post-processing shared by train, evaluate and infer.
+
+The transform chains are written once, as MONAI bundle component dicts
+(``{"_target_": "Spacingd", ...}``). The bundle JSON embeds them, and Python code
+instantiates the very same dicts with :func:`instantiate`, so the bundle and the
+``spleen-seg`` commands cannot preprocess differently.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+
+    from spleen_seg.config import PreprocessingConfig, Recipe, TrainingConfig
+
+Component = dict[str, Any]
+
+
+def _geometry(keys: list[str], pre: PreprocessingConfig, modes: str | list[str]) -> list[Component]:
+    return [
+        {"_target_": "EnsureChannelFirstd", "keys": keys},
+        {"_target_": "Orientationd", "keys": keys, "axcodes": pre.axcodes},
+        {"_target_": "Spacingd", "keys": keys, "pixdim": list(pre.spacing_mm), "mode": modes},
+    ]
+
+
+def intensity_config(pre: PreprocessingConfig) -> Component:
+    """HU window -> [0, 1], clipped."""
+    low, high = pre.hu_window
+    return {
+        "_target_": "ScaleIntensityRanged",
+        "keys": "image",
+        "a_min": low,
+        "a_max": high,
+        "b_min": 0.0,
+        "b_max": 1.0,
+        "clip": True,
+    }
+
+
+def inference_preprocessing_config(pre: PreprocessingConfig) -> list[Component]:
+    """Image-only chain of the reference inference.json: load, RAS, resample, window."""
+    return [
+        {"_target_": "LoadImaged", "keys": "image"},
+        *_geometry(["image"], pre, "bilinear"),
+        intensity_config(pre),
+        {"_target_": "EnsureTyped", "keys": "image"},
+    ]
+
+
+def training_deterministic_config(pre: PreprocessingConfig) -> list[Component]:
+    """Image + label chain (cached once per case): load, RAS, resample, window, crop to body."""
+    keys = ["image", "label"]
+    return [
+        {"_target_": "LoadImaged", "keys": keys},
+        *_geometry(keys, pre, ["bilinear", "nearest"]),
+        intensity_config(pre),
+        # Drop the air around the body: after windowing, air and fat are 0.
+        {"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True},
+        {"_target_": "EnsureTyped", "keys": keys},
+    ]
+
+
+def training_random_config(recipe: Recipe, tr: TrainingConfig) -> list[Component]:
+    """Per-iteration augmentation: balanced 96^3 crops and an intensity shift."""
+    pos, neg = tr.pos_neg
+    return [
+        {
+            "_target_": "RandCropByPosNegLabeld",
+            "keys": ["image", "label"],
+            "label_key": "label",
+            "spatial_size": list(recipe.inference.roi_size),
+            "pos": pos,
+            "neg": neg,
+            "num_samples": tr.num_samples,
+            "image_key": "image",
+            "image_threshold": 0,
+        },
+        {
+            "_target_": "RandShiftIntensityd",
+            "keys": "image",
+            "offsets": tr.intensity_shift,
+            "prob": tr.intensity_shift_prob,
+        },
+    ]
+
+
+def inversion_config(keys: str | list[str], transform_ref: str, nearest: bool | list[bool]) -> Component:
+    """Invert the preprocessing on ``keys`` back to the original image grid."""
+    return {
+        "_target_": "Invertd",
+        "keys": keys,
+        "transform": transform_ref,
+        "orig_keys": "image",
+        "nearest_interp": nearest,
+        "to_tensor": True,
+    }
+
+
+def instantiate(components: list[Component]) -> Compose:
+    """Build a MONAI ``Compose`` from component dicts, through MONAI's ConfigParser."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"chain": {"_target_": "Compose", "transforms": components}})
+    return parser.get_parsed_content("chain")
+
+
+def inference_preprocessing(pre: PreprocessingConfig, *, with_loader: bool = True) -> Compose:
+    """The bundle's inference preprocessing as a ``Compose`` on ``{"image": ...}``.
+
+    Without the loader the input is a channel-less ``MetaTensor`` of shape (X, Y, Z)
+    carrying its affine, as returned by :func:`spleen_seg.io.nifti.read_volume`.
+    """
+    chain = inference_preprocessing_config(pre)
+    return instantiate(chain if with_loader else chain[1:])
