@@ -303,7 +303,7 @@ def _validate_section(recipe: Recipe) -> dict[str, Any]:
 def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
     tr = recipe.training
     return {
-        "imports": ["$import glob", "$import os", "$import ignite", "$import spleen_seg.network", "$import spleen_seg.train"],
+        "imports": ["$import glob", "$import os", "$import ignite", "$import spleen_seg"],
         **_common(recipe),
         "epochs": tr.max_epochs,
         "val_interval": tr.val_interval,
@@ -366,7 +366,7 @@ def evaluate_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
 
 def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
     return {
-        "imports": ["$import glob", "$import os", "$import spleen_seg.network"],
+        "imports": ["$import glob", "$import os", "$import spleen_seg"],
         **_common(recipe),
         "output_ext": ".nii.gz",
         # The reference writes masks as float32; a label map is uint8.

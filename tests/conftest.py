@@ -1,0 +1,39 @@
+"""Shared fixtures: paths to the shared real CT data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPLEEN_SEG_SHARED", REPO_ROOT.parent / "shared"))
+REAL_CT = SHARED / "data" / "real_ct" / "ct_abdomen_3mm.nii.gz"
+REAL_CT_MASK = SHARED / "data" / "real_ct" / "ct_abdomen_3mm_spleen.nii.gz"
+YARDSTICK = SHARED / "models" / "yardstick.pt"
+
+# Two CPU cores: more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared test data not found: {path} (only present beside the project checkout)")
+    return path
+
+
+@pytest.fixture
+def real_ct() -> Path:
+    return _require(REAL_CT)
+
+
+@pytest.fixture
+def real_ct_mask() -> Path:
+    return _require(REAL_CT_MASK)
+
+
+@pytest.fixture
+def yardstick() -> Path:
+    return _require(YARDSTICK)
