@@ -19,7 +19,7 @@ class ThresholdNet(torch.nn.Module):
 
 
 def sphere_volume(shape, spacing, affine_flip=(1, 1, 1), radius_mm=18.0):
-    grid = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    grid = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=False)], indexing="ij"))
     inside = (grid**2).sum(0) <= radius_mm**2
     image = np.where(inside, 150.0, -100.0).astype(np.float32)
     affine = np.diag([affine_flip[0] * spacing[0], affine_flip[1] * spacing[1], affine_flip[2] * spacing[2], 1.0])
