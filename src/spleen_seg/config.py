@@ -108,6 +108,11 @@ CONFIG_FILES = (
 )
 
 
+# Every-epoch resumable checkpoint (and --resume): attached in code, since a handler in
+# train#handlers cannot reference the trainer that holds it.
+_ATTACH_RESUME = "$spleen_seg.train.attach_resume(@train#trainer, @network, @optimizer, @ckpt_dir, @resume)"
+
+
 def _common(recipe: Recipe) -> dict[str, Any]:
     """Keys shared by train.json and inference.json (each file must run alone)."""
     return {
@@ -137,7 +142,7 @@ def _sliding_window(recipe: Recipe) -> dict[str, Any]:
 def _train_section(recipe: Recipe) -> dict[str, Any]:
     tr = recipe.training
     return {
-        "deterministic_transforms": training_deterministic_config(recipe.preprocessing),
+        "deterministic_transforms": training_deterministic_config(recipe.preprocessing, recipe.inference.roi_size),
         "random_transforms": training_random_config(recipe, tr),
         "preprocessing": {
             "_target_": "Compose",
@@ -182,22 +187,6 @@ def _train_section(recipe: Recipe) -> dict[str, Any]:
                 "validator": "@validate#evaluator",
                 "epoch_level": True,
                 "interval": "@val_interval",
-            },
-            {
-                # Atomic every-epoch checkpoint of everything needed to resume.
-                "_target_": "CheckpointSaver",
-                "save_dir": "@ckpt_dir",
-                "save_dict": {"model": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"},
-                "save_interval": 1,
-                "n_saved": 1,
-                "file_prefix": "resume",
-                "epoch_level": True,
-            },
-            {
-                "_target_": "CheckpointLoader",
-                "_disabled_": "$not @resume",
-                "load_path": "$spleen_seg.train.resume_checkpoint(@ckpt_dir)",
-                "load_dict": {"model": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"},
             },
             {
                 "_target_": "StatsHandler",
@@ -321,7 +310,7 @@ def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
         "train": _train_section(recipe),
         "validate": _validate_section(recipe),
         "initialize": [f"$monai.utils.set_determinism(seed={tr.seed})"],
-        "run": ["$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, "$@train#trainer.run()"],
     }
 
 
@@ -467,7 +456,7 @@ def multi_gpu_train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@train#trainer.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
-        "run": ["$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, "$@train#trainer.run()"],
         "finalize": ["$spleen_seg.distributed.destroy_process_group()"],
     }
 

@@ -26,6 +26,18 @@ def resume_checkpoint(ckpt_dir: str | Path) -> str:
     return str(candidates[-1])
 
 
+def attach_resume(trainer: Any, network: Any, optimizer: Any, ckpt_dir: str, resume: bool) -> None:
+    """Save model, optimiser and trainer state atomically after every epoch; with ``resume``
+    first load the newest such checkpoint, so a killed run continues where it stopped."""
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    state = {"model": network, "optimizer": optimizer, "trainer": trainer}
+    if resume:
+        CheckpointLoader(load_path=resume_checkpoint(ckpt_dir), load_dict=state).attach(trainer)
+    # ignite's DiskSaver renames a finished temp file, and saves on rank 0 only.
+    CheckpointSaver(save_dir=ckpt_dir, save_dict=state, file_prefix="resume", save_interval=1, n_saved=1).attach(trainer)
+
+
 def _record_run(bundle_root: Path, config_names: list[str], overrides: dict[str, Any]) -> None:
     import monai
     import torch

@@ -50,7 +50,7 @@ def inference_preprocessing_config(pre: PreprocessingConfig) -> list[Component]:
     ]
 
 
-def training_deterministic_config(pre: PreprocessingConfig) -> list[Component]:
+def training_deterministic_config(pre: PreprocessingConfig, roi_size: tuple[int, ...]) -> list[Component]:
     """Image + label chain (cached once per case): load, RAS, resample, window, crop to body."""
     keys = ["image", "label"]
     return [
@@ -59,6 +59,8 @@ def training_deterministic_config(pre: PreprocessingConfig) -> list[Component]:
         intensity_config(pre),
         # Drop the air around the body: after windowing, air and fat are 0.
         {"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True},
+        # A scan shorter than the patch (few slices) would make RandCropByPosNegLabeld fail.
+        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": list(roi_size)},
         {"_target_": "EnsureTyped", "keys": keys},
     ]
 
