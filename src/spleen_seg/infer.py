@@ -72,6 +72,11 @@ class Segmenter:
     device: torch.device
     recipe: Recipe = RECIPE
     progress: bool = True
+    # Weights trained on MSD Task09 as shipped learned mirrored anatomy: its voxels are
+    # stored LPS while the headers claim RAS (model-zoo issue #766). For such weights the
+    # RAS-oriented input is mirrored left-right and front-back before the network, and
+    # the prediction mirrored back, so the network sees anatomy as it did in training.
+    mirror_xy: bool = False
     _preprocess: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class Segmenter:
 
         inf = self.recipe.inference
         batch = image.as_tensor()[None].to(self.device)
+        if self.mirror_xy:
+            batch = torch.flip(batch, dims=(2, 3))
         with torch.inference_mode():
             logits = sliding_window_inference(
                 batch,
@@ -94,6 +101,8 @@ class Segmenter:
                 overlap=inf.overlap,
                 progress=self.progress,
             )
+            if self.mirror_xy:
+                logits = torch.flip(logits, dims=(2, 3))
             probs = torch.softmax(logits[0].float(), dim=0)
             return (probs[1:2] - probs[0:1]).cpu()
 
