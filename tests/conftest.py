@@ -18,6 +18,12 @@ YARDSTICK = SHARED / "models" / "yardstick.pt"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache(tmp_path_factory):
+    """Exported models (ONNX, OpenVINO) go to a session folder, not the user's cache."""
+    os.environ.setdefault("SPLEEN_SEG_CACHE", str(tmp_path_factory.mktemp("model_cache")))
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared test data not found: {path} (only present beside the project checkout)")

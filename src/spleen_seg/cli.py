@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from spleen_seg import __version__
-from spleen_seg.errors import ConfigError, SpleenSegError
+from spleen_seg.errors import SpleenSegError
 
 EXIT_USER_ERROR = 2
-WEIGHTS_HELP = (
-    "no weights given: pass --weights PATH (a bundle models/model.pt state dict or a TorchScript model.ts), "
-    "e.g. trained with 'spleen-seg train'"
-)
 
 
 def _existing_dir(value: str) -> Path:
@@ -88,11 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment NIfTI CT volumes (files or folders)")
-    seg.add_argument("inputs", nargs="+", help="NIfTI files (.nii, .nii.gz) or folders of them")
-    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder: <case>/spleen.nii.gz")
-    seg.add_argument("--weights", type=_existing_file, help="state dict (models/model.pt) or TorchScript (.ts)")
+    seg = sub.add_parser("segment", help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
+    seg.add_argument("inputs", nargs="+", help="NIfTI files (.nii, .nii.gz), folders of them, or DICOM folders")
+    seg.add_argument("-o", "--output", type=Path, required=True,
+                     help="output folder: <case>/spleen.nii.gz, report.json, preview.png; summary.csv")
+    seg.add_argument("--weights", type=_existing_file,
+                     help="state dict (models/model.pt) or TorchScript (.ts); default: the cached official weights")
+    seg.add_argument("--weights-convention", choices=("msd", "true"),
+                     help="orientation the weights were trained under (default: official weights msd, "
+                          "else <weights>.json sidecar, else true)")
+    seg.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    seg.add_argument("--stl", action="store_true", help="also write <case>/spleen.stl (LPS mm)")
+    seg.add_argument("--strict", action="store_true", help="refuse inputs whose intensities do not look like CT")
     seg.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    seg.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
+                     help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
 
     train = sub.add_parser("train", help="train with the bundle's train.json")
     _add_bundle_run_flags(train)
@@ -118,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0, help="dataset seed")
     download = data_sub.add_parser("download", help="download and extract MSD Task09_Spleen")
     download.add_argument("--root", type=Path, help="cache folder (default: $SPLEEN_SEG_DATA or ~/.cache/spleen-seg/data)")
+
+    weights = sub.add_parser("weights", help="official model weights")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_sub.add_parser("download", help="download the official bundle weights into the cache "
+                                                    "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
+    fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
+    fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
     return parser
 
 
@@ -135,18 +148,24 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from spleen_seg.infer import collect_inputs, segment_files
-    from spleen_seg.network import resolve_device
+    from spleen_seg.backends import resolve_device_name
+    from spleen_seg.infer import SegmentOptions, collect_inputs, segment_files
+    from spleen_seg.network import default_segment_weights
 
-    if args.weights is None:
-        raise ConfigError(WEIGHTS_HELP)
-    device = resolve_device(args.device)
+    weights = default_segment_weights(args.weights)
+    device = resolve_device_name(args.device)
     inputs = collect_inputs(args.inputs)
-    results = segment_files(inputs, args.output, args.weights, device, progress=not args.quiet)
+    options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
+                             weights_convention=args.weights_convention)
+    results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
+                            options=options)
     failures = [r for r in results if r.error]
     for r in results:
         if r.error is None:
-            print(f"{r.source}: spleen {r.spleen_ml:.1f} mL -> {r.output} ({r.seconds:.1f} s)")
+            found = f"spleen {r.spleen_ml:.1f} mL" if r.status == "ok" else "spleen not found"
+            print(f"{r.source}: {found} -> {r.output.parent if r.output else args.output} ({r.seconds:.1f} s)")
+        for warning in r.report.warnings if r.report is not None else []:
+            print(f"warning: {r.case}: {warning}", file=sys.stderr)
     for r in failures:
         print(f"error: {r.error}", file=sys.stderr)
     if failures:
@@ -196,7 +215,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data}
+def cmd_weights(args: argparse.Namespace) -> int:
+    from spleen_seg.network import OFFICIAL_WEIGHTS_MD5, OFFICIAL_WEIGHTS_URL, download_official_weights
+
+    path = download_official_weights(args.url or OFFICIAL_WEIGHTS_URL, args.md5 or OFFICIAL_WEIGHTS_MD5,
+                                     progress=not args.quiet)
+    print(f"weights ready at {path}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
+            "weights": cmd_weights}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,9 @@ class InferenceConfig:
     roi_size: tuple[int, int, int] = (96, 96, 96)
     overlap: float = 0.5
     sw_batch_size: int = 4
+    # spleen-seg's own inference (not the bundle's) computes only the windows within this
+    # many voxels of where a covering survey of windows finds spleen (windows.py).
+    focus_radius: int | None = 8
 
 
 @dataclass(frozen=True)

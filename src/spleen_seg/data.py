@@ -266,6 +266,15 @@ class _RestartError(_TransientError):
     """The ``.part`` cannot be resumed (bad Content-Range answer); retry from byte 0."""
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (weights identity in reports and run records)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_md5(path: Path) -> str:
     """Hex md5 of a file, read in chunks so multi-GB archives need little memory."""
     digest = hashlib.md5()

@@ -17,13 +17,14 @@ def run_demo(out_dir: str | Path, *, seed: int, device_name: str, progress: bool
     import nibabel as nib
     import numpy as np
 
+    from spleen_seg.backends import resolve_device_name
     from spleen_seg.evaluate import dice
-    from spleen_seg.infer import Segmenter
-    from spleen_seg.network import demo_weights_path, load_network, resolve_device
+    from spleen_seg.infer import load_segmenter
+    from spleen_seg.network import demo_weights_path
     from spleen_seg.phantom import make_phantom
 
     start = time.perf_counter()
-    device = resolve_device(device_name)
+    device = resolve_device_name(device_name)
     case = make_phantom(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def run_demo(out_dir: str | Path, *, seed: int, device_name: str, progress: bool
     nib.save(nib.Nifti1Image(case.image_hu, case.affine), str(out / "phantom_ct.nii.gz"))
     write_mask(case.spleen_mask, geometry, out / "phantom_truth.nii.gz")
 
-    segmenter = Segmenter(network=load_network(demo_weights_path(), device), device=device, progress=progress)
+    segmenter = load_segmenter(demo_weights_path(), device, progress=progress)
     mask = segmenter.predict(case.image_hu.astype(np.float32), geometry, out / "phantom_ct.nii.gz")
     write_mask(mask, geometry, out / "spleen.nii.gz")
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from spleen_seg.backends import Runner
 from spleen_seg.errors import InputImageError
 from spleen_seg.infer import Segmenter, collect_inputs, segment_files
 from spleen_seg.io.nifti import Geometry
@@ -11,11 +12,9 @@ from spleen_seg.io.nifti import Geometry
 THRESHOLD = 0.5
 
 
-class ThresholdNet(torch.nn.Module):
-    """Logits (0, x - 0.5): spleen wherever the windowed intensity exceeds 0.5."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), x - THRESHOLD], dim=1)
+def threshold_margin(batch: np.ndarray) -> np.ndarray:
+    """Spleen margin x - 0.5: spleen wherever the windowed intensity exceeds 0.5."""
+    return batch - THRESHOLD
 
 
 def sphere_volume(shape, spacing, affine_flip=(1, 1, 1), radius_mm=18.0):
@@ -28,7 +27,7 @@ def sphere_volume(shape, spacing, affine_flip=(1, 1, 1), radius_mm=18.0):
 
 @pytest.fixture
 def segmenter():
-    return Segmenter(network=ThresholdNet(), device=torch.device("cpu"), progress=False)
+    return Segmenter(runner=Runner(threshold_margin, batch_size=4, backend="test"), progress=False)
 
 
 @pytest.mark.parametrize("flip", [(1, 1, 1), (-1, -1, 1)], ids=["RAS", "LPS"])
@@ -68,7 +67,7 @@ def test_batch_continues_after_a_bad_input(tmp_path):
     from spleen_seg.network import build
 
     torch.save(build().state_dict(), weights)
-    results = segment_files([bad, good], tmp_path / "out", weights, torch.device("cpu"), progress=False)
+    results = segment_files([bad, good], tmp_path / "out", weights, "cpu", backend="torch", progress=False)
     assert results[0].error is not None and str(bad) in results[0].error
     assert results[1].error is None and results[1].output.exists()
     assert not (tmp_path / "out" / "bad").exists()

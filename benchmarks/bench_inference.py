@@ -1,0 +1,116 @@
+"""End-to-end inference benchmark: the MONAI bundle's inference.json against `spleen-seg segment`.
+
+Builds a CT of MSD Task09 geometry (512 x 512 in-plane, 0.78 mm pixels, 5 mm slices) from
+the shared real CT (B-spline for the image, padded with -1024 HU), then runs, alternating,
+  A: python -m monai.bundle run --config_file configs/inference.json   (the reference pipeline)
+  B: spleen-seg segment VOLUME -o OUT --weights W                      (our default path)
+as whole processes with the same weights (the yardstick weights), and prints per-run wall
+time and peak RSS, their medians, the speed ratio, and the Dice between the two masks.
+
+Usage: python benchmarks/bench_inference.py [--runs 3] [--weights PATH] [--extra-args "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPLEEN_SEG_SHARED", REPO.parent / "shared"))
+REAL_CT = SHARED / "data" / "real_ct" / "ct_abdomen_3mm.nii.gz"
+YARDSTICK = SHARED / "models" / "yardstick.pt"
+MSD_SPACING_MM = (0.78125, 0.78125, 5.0)
+MSD_IN_PLANE = 512
+AIR_HU = -1024
+
+
+def build_msd_volume(dest: Path) -> Path:
+    """Resample the real CT to MSD geometry (B-spline), pad in-plane to 512 x 512 with air."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(REAL_CT))
+    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), MSD_SPACING_MM, strict=True)]
+    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkBSpline, image.GetOrigin(), MSD_SPACING_MM,
+                              image.GetDirection(), AIR_HU, sitk.sitkInt16)
+    pad = [max(MSD_IN_PLANE - size[0], 0), max(MSD_IN_PLANE - size[1], 0), 0]
+    low = [p // 2 for p in pad]
+    high = [p - p // 2 for p in pad]
+    padded = sitk.ConstantPad(resampled, low, high, AIR_HU)
+    sitk.WriteImage(padded, str(dest))
+    return dest
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one whole process, via GNU time."""
+    with tempfile.NamedTemporaryFile(suffix=".time") as stats:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", stats.name, *cmd], cwd=cwd,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
+        peak_kib = int(Path(stats.name).read_text().split()[-1])
+    return wall, peak_kib / 1024
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--weights", type=Path, default=YARDSTICK)
+    parser.add_argument("--extra-args", default="", help="extra flags for spleen-seg segment")
+    args = parser.parse_args()
+    if not REAL_CT.exists() or not args.weights.exists():
+        sys.exit(f"needs {REAL_CT} and {args.weights}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench_"))
+    dataset = work / "Task09_Spleen"
+    (dataset / "imagesTs").mkdir(parents=True)
+    volume = build_msd_volume(dataset / "imagesTs" / "msd_geometry_ct.nii.gz")
+    print(f"volume: {nib.load(str(volume)).shape} at {MSD_SPACING_MM} mm from {REAL_CT.name}")
+    bundle_root = work / "bundle"
+    (bundle_root / "models").mkdir(parents=True)
+    (bundle_root / "models" / "model.pt").symlink_to(args.weights.resolve())
+
+    bundle_cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                  "--bundle_root", str(bundle_root), "--dataset_dir", str(dataset), "--output_dir", str(work / "bundle_out")]
+    ours_cmd = [sys.executable, "-m", "spleen_seg.cli", "-q", "segment", str(volume), "-o", str(work / "ours_out"),
+                "--weights", str(args.weights), *shlex.split(args.extra_args)]
+    # One untimed run of ours exports the weights to the model cache (first-use cost).
+    warm_wall, _ = timed(ours_cmd, REPO)
+    print(f"first run of spleen-seg (exports the model to its cache): {warm_wall:.1f} s")
+
+    results: dict[str, list[tuple[float, float]]] = {"bundle": [], "spleen-seg": []}
+    for run in range(1, args.runs + 1):
+        for name, cmd in (("bundle", bundle_cmd), ("spleen-seg", ours_cmd)):
+            wall, rss = timed(cmd, REPO)
+            results[name].append((wall, rss))
+            print(f"run {run} {name:10s} wall {wall:6.2f} s  peak RSS {rss:7.0f} MiB", flush=True)
+
+    medians = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
+    bundle_mask = np.asarray(nib.load(str(work / "bundle_out" / "msd_geometry_ct" / "msd_geometry_ct_trans.nii.gz")).dataobj)
+    ours_mask = np.asarray(nib.load(str(work / "ours_out" / "msd_geometry_ct" / "spleen.nii.gz")).dataobj)
+    print(f"median bundle     : {medians['bundle'][0]:.2f} s, peak RSS {medians['bundle'][1]:.0f} MiB")
+    print(f"median spleen-seg : {medians['spleen-seg'][0]:.2f} s, peak RSS {medians['spleen-seg'][1]:.0f} MiB")
+    print(f"speed ratio (bundle / spleen-seg): {medians['bundle'][0] / medians['spleen-seg'][0]:.2f}x")
+    print(f"mask Dice spleen-seg vs bundle: {dice(ours_mask, bundle_mask):.4f} "
+          f"(voxels {int((ours_mask > 0).sum())} vs {int((bundle_mask > 0).sum())})")
+
+
+if __name__ == "__main__":
+    main()
