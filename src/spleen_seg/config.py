@@ -108,6 +108,7 @@ CONFIG_FILES = (
     "inference.json",
     "multi_gpu_train.json",
     "multi_gpu_evaluate.json",
+    "inference_trt.json",
 )
 
 
@@ -420,6 +421,18 @@ def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
     }
 
 
+def inference_trt_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
+    """Overrides inference.json to run the TorchScript/TensorRT module written by
+    ``python -m monai.bundle trt_export ... --filepath models/model_trt.ts`` (needs torch_tensorrt)."""
+    return {
+        "imports": ["$import glob", "$import os", "$import spleen_seg", "$import torch_tensorrt"],
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model_trt.ts')",
+        # The engine already holds its precision; its weights need no checkpoint loader.
+        "evaluator#amp": False,
+        "initialize": [f"$monai.utils.set_determinism(seed={recipe.training.seed})"],
+    }
+
+
 def _ddp_network() -> dict[str, Any]:
     return {
         "_target_": "spleen_seg.distributed.wrap_ddp",
@@ -586,6 +599,7 @@ def bundle_configs(recipe: Recipe = RECIPE) -> dict[str, dict[str, Any]]:
         "inference.json": inference_config(recipe),
         "multi_gpu_train.json": multi_gpu_train_config(recipe),
         "multi_gpu_evaluate.json": multi_gpu_evaluate_config(recipe),
+        "inference_trt.json": inference_trt_config(recipe),
     }
 
 
