@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
 
+    export = sub.add_parser("export", help="export the network: onnx, torchscript, openvino, tensorrt")
+    export.add_argument("--weights", type=_existing_file, required=True, help="state dict (models/model.pt) or TorchScript")
+    export.add_argument("--format", choices=("onnx", "torchscript", "openvino", "tensorrt"), required=True)
+    export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 applies to tensorrt")
+    export.add_argument("-o", "--output", type=Path, required=True, help="destination file (.onnx, .ts, .xml, .engine)")
+
+    bench = sub.add_parser("benchmark", help="time the network and end-to-end inference per available backend")
+    bench.add_argument("--weights", type=_existing_file, required=True, help="weights to time (any bundle state dict)")
+    bench.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    bench.add_argument("--volume", type=_existing_file, help="NIfTI CT for the end-to-end time (default: a phantom)")
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed network calls per backend")
+
     data = sub.add_parser("data", help="datasets: download MSD Task09, make phantoms")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     phantom = data_sub.add_parser("phantom", help="write synthetic CT phantoms in the MSD layout")
@@ -224,7 +236,24 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
+def cmd_export(args: argparse.Namespace) -> int:
+    from spleen_seg.export import export_model
+
+    dest = export_model(args.weights, args.output, args.format, args.precision)
+    print(f"exported {args.format} ({args.precision}) to {dest}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from spleen_seg.backends import resolve_device_name
+    from spleen_seg.benchmark import format_table, run_benchmark
+
+    device = resolve_device_name(args.device)
+    print(format_table(run_benchmark(args.weights, device, args.volume, args.repeats)))
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
             "weights": cmd_weights}
 
 

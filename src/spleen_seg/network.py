@@ -108,3 +108,108 @@ def save_fp16_state_dict(state: Mapping[str, torch.Tensor], dest: str | Path) ->
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     with atomic_path(dest) as tmp:
         torch.save(half, tmp)
+
+
+# --------------------------------------------------------------------------- official weights
+
+# The MONAI model-zoo bundle's released weights (spleen_ct_segmentation, models/model.pt).
+OFFICIAL_WEIGHTS_URL = (
+    "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_spleen_ct_segmentation_v1.pt"
+)
+OFFICIAL_WEIGHTS_MD5 = "be4fa95e236df91766147c112ee6fafd"
+# Cached under this name whatever mirror ``--url`` names, so ``segment`` finds it.
+OFFICIAL_WEIGHTS_FILENAME = "model_spleen_ct_segmentation_v1.pt"
+WEIGHTS_CACHE_ENV = "SPLEEN_SEG_WEIGHTS"
+DEFAULT_WEIGHTS_CACHE = Path("~/.cache/spleen-seg/weights")
+# Orientation conventions weights can be trained under: "msd" = MSD Task09 as shipped (voxels
+# stored LPS, headers claiming RAS: model-zoo issue #766), so the network learned mirrored
+# anatomy; "true" = anatomy as the headers say.
+CONVENTION_MSD = "msd"
+CONVENTION_TRUE = "true"
+ORIENTATION_CONVENTIONS = (CONVENTION_MSD, CONVENTION_TRUE)
+SIDECAR_SUFFIX = ".json"
+SIDECAR_KEY = "orientation_convention"
+
+
+def weights_cache_dir() -> Path:
+    """Folder for downloaded weights: ``$SPLEEN_SEG_WEIGHTS`` or ``~/.cache/spleen-seg/weights``."""
+    import os
+
+    return Path(os.environ.get(WEIGHTS_CACHE_ENV) or DEFAULT_WEIGHTS_CACHE).expanduser()
+
+
+def official_weights_path() -> Path:
+    """Where ``download_official_weights`` stores the official weights (it may not exist yet)."""
+    return weights_cache_dir() / OFFICIAL_WEIGHTS_FILENAME
+
+
+def download_official_weights(
+    url: str = OFFICIAL_WEIGHTS_URL, md5: str = OFFICIAL_WEIGHTS_MD5, *, progress: bool = True
+) -> Path:
+    """Download the official bundle weights into :func:`weights_cache_dir` and verify the md5.
+
+    Resumes a partial download, retries dropped connections and never leaves a partial or
+    corrupt file under the final name (see ``spleen_seg.data.download_file``). A cached
+    file with the right md5 is returned without network access.
+
+    Raises:
+        ConfigError: malformed URL or md5.
+        DownloadError: HTTP error, retries exhausted or checksum mismatch.
+    """
+    from spleen_seg.data import download_file
+
+    return download_file(url, official_weights_path(), md5, progress=progress)
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    """``model.pt`` -> ``model.pt.json``: optional metadata stored beside a weights file."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + SIDECAR_SUFFIX)
+
+
+def weights_orientation_convention(weights: str | Path, override: str | None = None) -> str:
+    """The orientation convention ``weights`` were trained under: ``"msd"`` or ``"true"``.
+
+    In order: ``override`` (the CLI's ``--weights-convention``); a sidecar
+    ``<weights>.json`` holding ``{"orientation_convention": "msd" | "true"}``; the official
+    bundle weights (md5 match) are ``"msd"``; anything else is ``"true"``.
+
+    Raises:
+        ConfigError: an unknown override, or an unreadable or invalid sidecar.
+    """
+    import json
+
+    from spleen_seg.data import file_md5
+
+    if override is not None:
+        if override not in ORIENTATION_CONVENTIONS:
+            raise ConfigError(f"orientation convention must be one of {ORIENTATION_CONVENTIONS}, got '{override}'")
+        return override
+    sidecar = sidecar_path(weights)
+    if sidecar.is_file():
+        try:
+            value = json.loads(sidecar.read_text(encoding="utf-8")).get(SIDECAR_KEY)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ConfigError(f"{sidecar}: not a JSON object ({err.__class__.__name__}); "
+                              f'expected {{"{SIDECAR_KEY}": "msd" | "true"}}') from err
+        if value not in ORIENTATION_CONVENTIONS:
+            raise ConfigError(f"{sidecar}: '{SIDECAR_KEY}' must be one of {ORIENTATION_CONVENTIONS}, got {value!r}")
+        return str(value)
+    if file_md5(Path(weights)) == OFFICIAL_WEIGHTS_MD5:
+        return CONVENTION_MSD
+    return CONVENTION_TRUE
+
+
+def default_segment_weights(weights: str | Path | None) -> Path:
+    """``weights`` if given, else the cached official weights.
+
+    Raises:
+        ConfigError: no weights given and none cached, naming the command that fetches them.
+    """
+    if weights is not None:
+        return Path(weights)
+    cached = official_weights_path()
+    if not cached.is_file():
+        raise ConfigError(f"no weights given and no official weights cached at {cached}: run "
+                          "'spleen-seg weights download' (or pass --weights PATH to a state dict or TorchScript file)")
+    return cached

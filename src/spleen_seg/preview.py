@@ -1,0 +1,106 @@
+"""A PNG preview per input: axial, coronal and sagittal slices with the mask's contour.
+
+Images are reoriented to RAS (nibabel's closest canonical orientation) and shown in the
+radiological convention: axial with the patient's left on the image's right and anterior
+at the top; coronal with superior at the top and the patient's left on the right; sagittal
+with anterior on the left and superior at the top. Pixels are drawn at their size in
+millimetres, so anisotropic voxels display isotropically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from spleen_seg.io.atomic import atomic_path
+
+PREVIEW_FILENAME = "preview.png"
+# Soft-tissue window: width 400 HU, level 40 HU.
+WINDOW_WIDTH_HU = 400.0
+WINDOW_LEVEL_HU = 40.0
+CONTOUR_COLOUR = "#ff3b30"
+CONTOUR_WIDTH = 1.2
+FIGURE_SIZE_IN = (13.5, 5.0)
+DPI = 100
+LABEL_STYLE = {"color": "yellow", "fontsize": 11, "fontweight": "bold"}
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder (X, Y, Z) voxels so that the axes increase towards Right, Anterior, Superior.
+
+    Returns the reordered array and its spacing (mm) per axis.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(volume, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    spacing = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
+    return ras, spacing
+
+
+def _centre(mask_ras: np.ndarray) -> tuple[int, int, int]:
+    if mask_ras.any():
+        return tuple(int(round(c)) for c in ndimage.center_of_mass(mask_ras > 0))  # type: ignore[return-value]
+    return tuple(s // 2 for s in mask_ras.shape)  # type: ignore[return-value]
+
+
+def _panel(ax, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], labels: tuple[str, str, str, str],
+           title: str) -> None:
+    """Draw a 2D slice indexed (horizontal, vertical) with both axes increasing towards R/A/S.
+
+    The horizontal axis is then inverted (radiological convention shows R/A on the left)
+    and the vertical axis runs upward. ``labels`` are the (left, right, top, bottom) edges.
+    """
+    width_mm = image.shape[0] * spacing[0]
+    height_mm = image.shape[1] * spacing[1]
+    extent = (0.0, width_mm, 0.0, height_mm)
+    low = WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2
+    ax.imshow(image.T, cmap="gray", vmin=low, vmax=low + WINDOW_WIDTH_HU, origin="lower", extent=extent,
+              interpolation="bilinear")
+    if mask.any():
+        ax.contour(mask.T.astype(np.float32), levels=[0.5], colors=CONTOUR_COLOUR, linewidths=CONTOUR_WIDTH,
+                   origin="lower", extent=extent)
+    ax.set_xlim(width_mm, 0.0)
+    ax.set_ylim(0.0, height_mm)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.set_title(title)
+    left, right, top, bottom = labels
+    ax.text(0.02, 0.5, left, transform=ax.transAxes, ha="left", va="center", **LABEL_STYLE)
+    ax.text(0.98, 0.5, right, transform=ax.transAxes, ha="right", va="center", **LABEL_STYLE)
+    ax.text(0.5, 0.98, top, transform=ax.transAxes, ha="center", va="top", **LABEL_STYLE)
+    ax.text(0.5, 0.02, bottom, transform=ax.transAxes, ha="center", va="bottom", **LABEL_STYLE)
+
+
+def write_preview(image_hu: np.ndarray, mask: np.ndarray, affine_ras: np.ndarray, dest: str | Path,
+                  title: str) -> Path:
+    """Write a PNG with axial, coronal and sagittal slices through the spleen's centre.
+
+    ``image_hu`` (float HU) and ``mask`` (uint8, 1 = spleen) have shape (X, Y, Z) in the
+    voxel order of ``affine_ras`` (voxel index -> world RAS+ mm). Slices pass through the
+    mask's centre of mass, or the volume's centre when the mask is empty.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    image, spacing = to_ras(np.asarray(image_hu, dtype=np.float32), np.asarray(affine_ras, dtype=np.float64))
+    mask_ras, _ = to_ras(np.asarray(mask, dtype=np.uint8), np.asarray(affine_ras, dtype=np.float64))
+    ci, cj, ck = _centre(mask_ras)
+    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI, facecolor="black")
+    axes = figure.subplots(1, 3)
+    sx, sy, sz = (float(s) for s in spacing)
+    _panel(axes[0], image[:, :, ck], mask_ras[:, :, ck], (sx, sy), ("R", "L", "A", "P"), f"axial (slice {ck})")
+    _panel(axes[1], image[:, cj, :], mask_ras[:, cj, :], (sx, sz), ("R", "L", "S", "I"), f"coronal (row {cj})")
+    _panel(axes[2], image[ci, :, :], mask_ras[ci, :, :], (sy, sz), ("A", "P", "S", "I"), f"sagittal (column {ci})")
+    for ax in axes:
+        ax.title.set_color("white")
+    figure.suptitle(title, color="white", fontsize=13)
+    figure.tight_layout()
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        figure.savefig(tmp, format="png", facecolor=figure.get_facecolor())
+    return dest

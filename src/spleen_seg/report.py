@@ -1,0 +1,304 @@
+"""Measurements of a spleen mask and the per-input ``report.json`` / batch ``summary.csv``.
+
+World coordinates follow nibabel's RAS+ convention: +x towards the patient's Right,
++y Anterior, +z Superior. So the patient's left is the smaller x and posterior the
+smaller y. Every measurement is taken in world millimetres through the affine, so the
+same anatomy stored LPS or RAS gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from spleen_seg.errors import InputImageError
+from spleen_seg.io.atomic import atomic_write_text
+from spleen_seg.io.nifti import Geometry
+
+REPORT_FILENAME = "report.json"
+SUMMARY_FILENAME = "summary.csv"
+REPORT_VERSION = 1
+
+# 26-connectivity: voxels touching by a face, edge or corner belong to one component.
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+# Splenomegaly by CT volume (one widely cited criterion; a craniocaudal length > 13 cm is another).
+SPLENOMEGALY_THRESHOLD_ML = 314.5
+SPLENOMEGALY_CRITERION = f"spleen volume > {SPLENOMEGALY_THRESHOLD_ML} mL"
+SPLENOMEGALY_CITATION = (
+    "Linguraru MG, Sandberg JK, Jones EC, Summers RM. Assessing splenomegaly: automated "
+    "volumetric analysis of the spleen. Acad Radiol. 2013;20(6):675-684."
+)
+# Body = everything denser than this (air -1000 HU and lung about -850 HU are outside).
+BODY_THRESHOLD_HU = -500.0
+# CT intensity plausibility: a body CT holds air or fat (-1000 / -100 HU), so its lowest
+# half-percent lies well below zero, and soft tissue keeps its median far below bone.
+INTENSITY_LOW_PERCENTILE = 0.5
+INTENSITY_LOW_MAX_HU = -50.0
+INTENSITY_MEDIAN_MAX_HU = 500.0
+# Percentiles need no more voxels than this; a regular stride keeps them deterministic.
+INTENSITY_SAMPLE_VOXELS = 2_000_000
+AXIS_NAMES = ("left_right", "anterior_posterior", "superior_inferior")
+
+FLAG_SPLENOMEGALY = "splenomegaly"
+FLAG_TOUCHES_BORDER = "touches_border"
+FLAG_HEADER_FLIP = "probable_header_flip"
+FLAG_NON_CT = "non_ct_intensity"
+SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
+                   "extent_superior_inferior_mm", "flags", "error")
+
+
+@dataclass(frozen=True)
+class ComponentResult:
+    """Connected components of a mask (26-connectivity) and which were kept."""
+
+    mask: np.ndarray
+    found: int
+    kept: int
+    voxels_per_component: list[int]
+
+
+@dataclass(frozen=True)
+class AnatomyCheck:
+    """Where the spleen lies relative to the body at its own level, in world RAS+ mm."""
+
+    spleen_centroid_ras_mm: list[float]
+    body_centre_ras_mm: list[float]
+    on_patient_left: bool
+    posterior: bool
+
+    @property
+    def probable_header_flip(self) -> bool:
+        return not (self.on_patient_left and self.posterior)
+
+
+@dataclass
+class CaseReport:
+    """Everything ``report.json`` holds for one input; ``to_json`` gives the file's text."""
+
+    case: str
+    source: str
+    spleen_found: bool
+    volume_ml: float
+    voxel_count: int
+    extents_mm: dict[str, float] | None
+    hu_mean: float | None
+    hu_std: float | None
+    components_found: int
+    components_kept: int
+    touches_border: bool
+    probable_header_flip: bool
+    anatomy: dict[str, Any] | None
+    splenomegaly: dict[str, Any]
+    input_geometry: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def flags(self) -> list[str]:
+        names = []
+        if self.splenomegaly["flag"]:
+            names.append(FLAG_SPLENOMEGALY)
+        if self.touches_border:
+            names.append(FLAG_TOUCHES_BORDER)
+        if self.probable_header_flip:
+            names.append(FLAG_HEADER_FLIP)
+        if any(w.startswith(FLAG_NON_CT) for w in self.warnings):
+            names.append(FLAG_NON_CT)
+        return names
+
+    def to_json(self) -> str:
+        data = {"report_version": REPORT_VERSION, **asdict(self), "flags": self.flags}
+        return json.dumps(data, indent=2) + "\n"
+
+
+def keep_components(mask: np.ndarray, largest_only: bool) -> ComponentResult:
+    """Label ``mask`` (uint8, any shape) with 26-connectivity; optionally keep the largest.
+
+    Components are listed largest first. Ties keep the lowest label (first in C order).
+    """
+    labels, found = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
+    sizes = np.bincount(labels.ravel(), minlength=found + 1)[1:]
+    order = sorted(range(found), key=lambda i: (-int(sizes[i]), i))
+    if largest_only and found > 1:
+        kept_mask = (labels == order[0] + 1).astype(np.uint8)
+        kept = 1
+    else:
+        kept_mask = (mask > 0).astype(np.uint8)
+        kept = found
+    return ComponentResult(mask=kept_mask, found=int(found), kept=kept, voxels_per_component=[int(sizes[i]) for i in order])
+
+
+def voxel_extent_mm(affine_ras: np.ndarray) -> np.ndarray:
+    """Size of one voxel's bounding box along each world axis (spacing when axis-aligned)."""
+    return np.abs(np.asarray(affine_ras)[:3, :3]).sum(axis=1)
+
+
+def extents_mm(mask: np.ndarray, affine_ras: np.ndarray) -> dict[str, float]:
+    """Spleen size along the patient axes (mm): span of voxel centres plus one voxel.
+
+    Computed from the world coordinates of the mask voxels, so it does not depend on the
+    voxel order. ``mask`` must not be empty.
+    """
+    index = np.argwhere(mask > 0).astype(np.float64)
+    world = index @ np.asarray(affine_ras)[:3, :3].T
+    span = world.max(axis=0) - world.min(axis=0) + voxel_extent_mm(affine_ras)
+    return {name: round(float(value), 4) for name, value in zip(AXIS_NAMES, span, strict=True)}
+
+
+def touches_border(mask: np.ndarray) -> bool:
+    """True when any mask voxel lies in the first or last slice along any axis."""
+    return any(bool(np.take(mask, 0, axis=axis).any() or np.take(mask, -1, axis=axis).any())
+               for axis in range(mask.ndim))
+
+
+def _world(affine_ras: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return np.asarray(affine_ras)[:3, :3] @ np.asarray(index, dtype=np.float64) + np.asarray(affine_ras)[:3, 3]
+
+
+def anatomical_check(mask: np.ndarray, image_hu: np.ndarray, affine_ras: np.ndarray) -> AnatomyCheck:
+    """Is the spleen on the patient's left and in the posterior half of the body?
+
+    The body centre is the centre of mass of voxels above ``BODY_THRESHOLD_HU`` in the
+    slab of slices the spleen spans (along the voxel axis closest to superior-inferior),
+    so legs or thorax elsewhere in the scan do not move it. ``mask`` must not be empty.
+    A spleen on the right or in front points at a header that mirrors the anatomy (MSD
+    Task09's LPS voxels under RAS headers) rather than a real situs inversus.
+    """
+    affine_ras = np.asarray(affine_ras)
+    spleen = _world(affine_ras, ndimage.center_of_mass(mask > 0))
+    si_axis = int(np.argmax(np.abs(affine_ras[2, :3])))
+    present = np.nonzero(np.any(mask > 0, axis=tuple(a for a in range(3) if a != si_axis)))[0]
+    slab = [slice(None)] * 3
+    slab[si_axis] = slice(int(present.min()), int(present.max()) + 1)
+    body = image_hu[tuple(slab)] > BODY_THRESHOLD_HU
+    if not body.any():
+        body = np.ones(body.shape, dtype=bool)
+    centre_index = np.asarray(ndimage.center_of_mass(body))
+    centre_index[si_axis] += present.min()
+    body_centre = _world(affine_ras, centre_index)
+    return AnatomyCheck(
+        spleen_centroid_ras_mm=[round(float(v), 3) for v in spleen],
+        body_centre_ras_mm=[round(float(v), 3) for v in body_centre],
+        on_patient_left=bool(spleen[0] < body_centre[0]),
+        posterior=bool(spleen[1] < body_centre[1]),
+    )
+
+
+def intensity_warning(image: np.ndarray) -> str | None:
+    """A warning when ``image`` does not look like CT in Hounsfield units, else None.
+
+    CT of a body holds air (-1000 HU) or fat (-100 HU) and mostly soft tissue; MR and
+    other modalities are mostly 0..4000 with nothing negative.
+    """
+    flat = image.reshape(-1)
+    step = max(1, flat.size // INTENSITY_SAMPLE_VOXELS)
+    low, median = np.percentile(flat[::step], [INTENSITY_LOW_PERCENTILE, 50.0])
+    if low > INTENSITY_LOW_MAX_HU or median > INTENSITY_MEDIAN_MAX_HU:
+        return (f"{FLAG_NON_CT}: intensities do not look like CT in HU (p{INTENSITY_LOW_PERCENTILE:g} = {low:.0f}, "
+                f"median = {median:.0f}; CT has air/fat below {INTENSITY_LOW_MAX_HU:g} HU): is this an MR or a "
+                "non-calibrated image? The segmentation is unreliable")
+    return None
+
+
+def check_intensity(image: np.ndarray, source: str, strict: bool) -> list[str]:
+    """Warnings for a non-CT intensity range; with ``strict`` raise ``InputImageError`` instead."""
+    warning = intensity_warning(image)
+    if warning is None:
+        return []
+    if strict:
+        raise InputImageError(f"{source}: {warning.removeprefix(FLAG_NON_CT + ': ')} (refused because of --strict)")
+    return [warning]
+
+
+def geometry_summary(geometry: Geometry) -> dict[str, Any]:
+    return {
+        "shape": list(geometry.shape),
+        "spacing_mm": [round(s, 6) for s in geometry.spacing_mm],
+        "orientation": geometry.axcodes,
+        "affine_ras": np.round(geometry.affine_ras, 6).tolist(),
+    }
+
+
+def build_report(case: str, source: str, mask: np.ndarray, image_hu: np.ndarray, geometry: Geometry,
+                 components: ComponentResult, warnings: list[str] | None = None) -> CaseReport:
+    """Measure the final ``mask`` (uint8 (X, Y, Z), 1 = spleen) on its source image.
+
+    ``image_hu`` is the original float32 HU array, same shape and voxel order as ``mask``.
+    An empty mask gives ``spleen_found = False`` with a message and no measurements.
+    """
+    warnings = list(warnings or [])
+    voxels = int(np.count_nonzero(mask))
+    volume_ml = voxels * geometry.voxel_volume_ml
+    splenomegaly = {"flag": volume_ml > SPLENOMEGALY_THRESHOLD_ML, "criterion": SPLENOMEGALY_CRITERION,
+                    "threshold_ml": SPLENOMEGALY_THRESHOLD_ML, "citation": SPLENOMEGALY_CITATION}
+    report = CaseReport(
+        case=case, source=source, spleen_found=voxels > 0, volume_ml=volume_ml, voxel_count=voxels,
+        extents_mm=None, hu_mean=None, hu_std=None, components_found=components.found,
+        components_kept=components.kept, touches_border=False, probable_header_flip=False, anatomy=None,
+        splenomegaly=splenomegaly, input_geometry=geometry_summary(geometry), warnings=warnings,
+    )
+    if voxels == 0:
+        report.message = "spleen not found: the mask is empty (is the spleen in the field of view?)"
+        warnings.append(report.message)
+        return report
+    inside = image_hu[mask > 0].astype(np.float64)
+    report.extents_mm = extents_mm(mask, geometry.affine_ras)
+    report.hu_mean = float(inside.mean())
+    report.hu_std = float(inside.std())
+    report.touches_border = touches_border(mask)
+    if report.touches_border:
+        warnings.append(f"{FLAG_TOUCHES_BORDER}: the spleen touches the image border and is likely cut off; "
+                        "its volume and extents are lower bounds")
+    anatomy = anatomical_check(mask, image_hu, geometry.affine_ras)
+    report.anatomy = {**asdict(anatomy), "rule": "spleen centroid left of (x <) and posterior to (y <) the body centre"}
+    report.probable_header_flip = anatomy.probable_header_flip
+    if anatomy.probable_header_flip:
+        sides = ("left" if anatomy.on_patient_left else "RIGHT", "posterior" if anatomy.posterior else "ANTERIOR")
+        warnings.append(f"{FLAG_HEADER_FLIP}: the spleen lies on the patient's {sides[0]} and {sides[1]} side in "
+                        "world coordinates; the image header probably mirrors the anatomy (MSD-style LPS voxels "
+                        "under an RAS header), or the weights' orientation convention is wrong")
+    return report
+
+
+def write_report(report: CaseReport, dest: Path) -> Path:
+    atomic_write_text(dest, report.to_json())
+    return dest
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One ``summary.csv`` line: status is ok, not_found (empty mask) or failed."""
+
+    case: str
+    source: str
+    status: str
+    report: CaseReport | None = None
+    error: str = ""
+
+    def values(self) -> list[str]:
+        extents = self.report.extents_mm if self.report is not None else None
+        volume = f"{self.report.volume_ml:.3f}" if self.report is not None else ""
+        flags = ";".join(self.report.flags) if self.report is not None else ""
+        spans = [f"{extents[name]:.2f}" if extents else "" for name in AXIS_NAMES]
+        return [self.case, self.source, self.status, volume, *spans, flags, self.error]
+
+
+def write_summary(rows: list[SummaryRow], dest: Path) -> Path:
+    """Write ``summary.csv``: a header and one row per input, in input order."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for row in rows:
+        writer.writerow(row.values())
+    atomic_write_text(dest, buffer.getvalue())
+    return dest
