@@ -74,6 +74,18 @@ def export_torchscript(weights: Path, dest: Path) -> Path:
     return dest
 
 
+def export_torchscript_margin(weights: Path, dest: Path) -> Path:
+    """Traced TorchScript of the margin model: the torch backend's cached form."""
+    import torch
+
+    from spleen_seg.backends import margin_module
+
+    module = margin_module(weights, "cpu")
+    with atomic_path(dest) as tmp, torch.inference_mode():
+        torch.jit.trace(module, _example_input()).save(str(tmp))
+    return dest
+
+
 def export_tensorrt(weights: Path, dest: Path, precision: str) -> Path:
     """TensorRT engine (fp32 or fp16) built from the ONNX export; needs CUDA and tensorrt."""
     try:
@@ -131,7 +143,7 @@ def load_tensorrt_engine(engine_path: Path, device: str) -> Callable[[np.ndarray
 
 def export_model(weights: Path, dest: Path, fmt: str, precision: str = "fp32") -> Path:
     """Export ``weights`` (bundle state dict or TorchScript) to ``dest`` in ``fmt``."""
-    if fmt not in FORMATS:
+    if fmt not in (*FORMATS, "torchscript_margin"):
         raise ConfigError(f"export format '{fmt}' is not one of {', '.join(FORMATS)}")
     if precision == "fp16" and fmt != "tensorrt":
         raise ConfigError(f"--precision fp16 applies to tensorrt exports; {fmt} is exported in fp32")
@@ -141,6 +153,7 @@ def export_model(weights: Path, dest: Path, fmt: str, precision: str = "fp32") -
         "onnx": lambda: export_onnx(Path(weights), dest),
         "openvino": lambda: export_openvino(Path(weights), dest),
         "torchscript": lambda: export_torchscript(Path(weights), dest),
+        "torchscript_margin": lambda: export_torchscript_margin(Path(weights), dest),
         "tensorrt": lambda: export_tensorrt(Path(weights), dest, precision),
     }
     return exporters[fmt]()

@@ -28,12 +28,13 @@ REPORT_VERSION = 1
 
 # 26-connectivity: voxels touching by a face, edge or corner belong to one component.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
-# Splenomegaly by CT volume (one widely cited criterion; a craniocaudal length > 13 cm is another).
+# Splenomegaly by CT volume: the paper's threshold for mild splenomegaly, 314.47 mL (mean +
+# 1 SD of 45 healthy spleens); a craniocaudal length > 13 cm is another common criterion.
 SPLENOMEGALY_THRESHOLD_ML = 314.5
 SPLENOMEGALY_CRITERION = f"spleen volume > {SPLENOMEGALY_THRESHOLD_ML} mL"
 SPLENOMEGALY_CITATION = (
     "Linguraru MG, Sandberg JK, Jones EC, Summers RM. Assessing splenomegaly: automated "
-    "volumetric analysis of the spleen. Acad Radiol. 2013;20(6):675-684."
+    "volumetric analysis of the spleen. Acad Radiol. 2013;20(6):675-684. doi:10.1016/j.acra.2013.01.011"
 )
 # Body = everything denser than this (air -1000 HU and lung about -850 HU are outside).
 BODY_THRESHOLD_HU = -500.0
