@@ -30,16 +30,16 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_ct() -> Path:
     return _require(REAL_CT)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_ct_mask() -> Path:
     return _require(REAL_CT_MASK)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def yardstick() -> Path:
     return _require(YARDSTICK)

@@ -85,8 +85,10 @@ def run_benchmark(weights: Path, device: str, volume: Path | None, repeats: int)
         segmenter = Segmenter(runner=runner, progress=False)
         start = time.perf_counter()
         segmenter.predict(array.copy(), geometry)
-        rows.append(Row(backend, precision, device, ms, time.perf_counter() - start,
-                        f"{segmenter.last_windows.computed}/{segmenter.last_windows.total} windows"))
+        seconds = time.perf_counter() - start
+        windows = segmenter.last_windows
+        note = f"{windows.computed}/{windows.total} windows" if windows is not None else ""
+        rows.append(Row(backend, precision, device, ms, seconds, note))
     return rows
 
 

@@ -82,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation in CT (MONAI bundle compatible)")
     parser.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    # -q also after the subcommand; SUPPRESS keeps a -q given before it.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
+    seg = sub.add_parser("segment", parents=[quiet], help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
     seg.add_argument("inputs", nargs="+", help="NIfTI files (.nii, .nii.gz), folders of them, or DICOM folders")
     seg.add_argument("-o", "--output", type=Path, required=True,
                      help="output folder: <case>/spleen.nii.gz, report.json, preview.png; summary.csv")
@@ -100,46 +103,46 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
                      help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
 
-    train = sub.add_parser("train", help="train with the bundle's train.json")
+    train = sub.add_parser("train", parents=[quiet], help="train with the bundle's train.json")
     _add_bundle_run_flags(train)
     train.add_argument("--epochs", type=_positive_int, help="maximum epochs (bundle: 600)")
     train.add_argument("--val-interval", type=_positive_int, help="validate every N epochs (bundle: 5)")
     train.add_argument("--resume", action="store_true", help="continue from the last every-epoch checkpoint")
 
-    ev = sub.add_parser("evaluate", help="evaluate with the bundle's evaluate.json (original image space)")
+    ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate with the bundle's evaluate.json (original image space)")
     _add_bundle_run_flags(ev)
     ev.add_argument("--weights", type=_existing_file, help="weights to evaluate (default: <bundle-root>/models/model.pt)")
 
-    demo = sub.add_parser("demo", help="segment a built-in synthetic phantom with the demo weights")
+    demo = sub.add_parser("demo", parents=[quiet], help="segment a built-in synthetic phantom with the demo weights")
     demo.add_argument("--seed", type=int, default=2026, help="phantom seed")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
 
-    export = sub.add_parser("export", help="export the network: onnx, torchscript, openvino, tensorrt")
+    export = sub.add_parser("export", parents=[quiet], help="export the network: onnx, torchscript, openvino, tensorrt")
     export.add_argument("--weights", type=_existing_file, required=True, help="state dict (models/model.pt) or TorchScript")
     export.add_argument("--format", choices=("onnx", "torchscript", "openvino", "tensorrt"), required=True)
     export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 applies to tensorrt")
     export.add_argument("-o", "--output", type=Path, required=True, help="destination file (.onnx, .ts, .xml, .engine)")
 
-    bench = sub.add_parser("benchmark", help="time the network and end-to-end inference per available backend")
+    bench = sub.add_parser("benchmark", parents=[quiet], help="time the network and end-to-end inference per available backend")
     bench.add_argument("--weights", type=_existing_file, required=True, help="weights to time (any bundle state dict)")
     bench.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
     bench.add_argument("--volume", type=_existing_file, help="NIfTI CT for the end-to-end time (default: a phantom)")
     bench.add_argument("--repeats", type=_positive_int, default=5, help="timed network calls per backend")
 
-    data = sub.add_parser("data", help="datasets: download MSD Task09, make phantoms")
+    data = sub.add_parser("data", parents=[quiet], help="datasets: download MSD Task09, make phantoms")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    phantom = data_sub.add_parser("phantom", help="write synthetic CT phantoms in the MSD layout")
+    phantom = data_sub.add_parser("phantom", parents=[quiet], help="write synthetic CT phantoms in the MSD layout")
     phantom.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     phantom.add_argument("-n", "--num-cases", type=_positive_int, default=24, help="labelled cases (imagesTr)")
     phantom.add_argument("--num-test", type=_non_negative_int, default=0, help="unlabelled cases (imagesTs)")
     phantom.add_argument("--seed", type=int, default=0, help="dataset seed")
-    download = data_sub.add_parser("download", help="download and extract MSD Task09_Spleen")
+    download = data_sub.add_parser("download", parents=[quiet], help="download and extract MSD Task09_Spleen")
     download.add_argument("--root", type=Path, help="cache folder (default: $SPLEEN_SEG_DATA or ~/.cache/spleen-seg/data)")
 
-    weights = sub.add_parser("weights", help="official model weights")
+    weights = sub.add_parser("weights", parents=[quiet], help="official model weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True)
-    fetch = weights_sub.add_parser("download", help="download the official bundle weights into the cache "
+    fetch = weights_sub.add_parser("download", parents=[quiet], help="download the official bundle weights into the cache "
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")

@@ -349,6 +349,8 @@ def evaluate_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
                 "save_dir": "@output_dir",
                 "metrics": ["val_mean_dice", "val_accuracy"],
                 "metric_details": ["val_mean_dice"],
+                # Names each row of val_mean_dice_raw.csv after its image.
+                "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
                 "summary_ops": "*",
             },
             {"_target_": "spleen_seg.evaluate.CaseMetricsWriter", "output_path": "$@output_dir + '/case_metrics.csv'"},

@@ -36,6 +36,22 @@ def attach_resume(trainer: Any, network: Any, optimizer: Any, ckpt_dir: str, res
         CheckpointLoader(load_path=resume_checkpoint(ckpt_dir), load_dict=state).attach(trainer)
     # ignite's DiskSaver renames a finished temp file, and saves on rank 0 only.
     CheckpointSaver(save_dir=ckpt_dir, save_dict=state, file_prefix="resume", save_interval=1, n_saved=1).attach(trainer)
+    if resume:
+        # The new saver does not know the files of the run it resumed: drop them once
+        # a newer checkpoint exists, so a resumed run keeps one file as a fresh one does.
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_newest_resume_checkpoint(ckpt_dir))
+
+
+def _keep_newest_resume_checkpoint(ckpt_dir: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    files = sorted(Path(ckpt_dir).glob(RESUME_PATTERN), key=lambda p: p.stat().st_mtime)
+    for stale in files[:-1]:
+        stale.unlink(missing_ok=True)
 
 
 def _record_run(bundle_root: Path, config_names: list[str], overrides: dict[str, Any]) -> None:

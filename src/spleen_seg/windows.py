@@ -31,7 +31,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (B, 1, *roi) float32 -> (B, 1, *roi) margin logits
-Position = tuple[int, int, int]
+Position = tuple[int, ...]
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -49,9 +49,8 @@ def covering_starts(starts: list[int], roi: int) -> list[int]:
     for index, start in enumerate(starts[1:], start=1):
         next_start = starts[index + 1] if index + 1 < len(starts) else None
         covered_to = chosen[-1] + roi
-        if next_start is None or next_start > covered_to:
-            if start > chosen[-1]:
-                chosen.append(start)
+        if (next_start is None or next_start > covered_to) and start > chosen[-1]:
+            chosen.append(start)
     return chosen
 
 

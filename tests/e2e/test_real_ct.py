@@ -16,14 +16,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 @pytest.fixture(scope="module")
-def official(request):
-    from conftest import REAL_CT, YARDSTICK
-
-    if not REAL_CT.exists() or not YARDSTICK.exists():
-        pytest.skip(f"shared real CT or yardstick weights absent ({REAL_CT}, {YARDSTICK})")
+def official(real_ct, yardstick):
     from reference_bundle import official_mask, official_network
 
-    return official_mask(str(REAL_CT), official_network(str(YARDSTICK)))
+    return official_mask(str(real_ct), official_network(str(yardstick)))
 
 
 def _run(args, cwd=REPO):

@@ -1,0 +1,131 @@
+"""Fixtures of the end-to-end tests: a small phantom dataset in the MSD layout, the demo
+weights as an fp32 state dict, and a runner for CLI and bundle commands in fresh processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from spleen_seg.network import demo_weights_path
+from spleen_seg.phantom import make_phantom
+
+REPO = Path(__file__).resolve().parents[2]
+
+# test_real_ct.py reads the shared-data paths with `from conftest import ...`, and with this
+# file present that name resolves to this module: re-export them from tests/conftest.py.
+_spec = importlib.util.spec_from_file_location("_spleen_seg_tests_conftest", REPO / "tests" / "conftest.py")
+assert _spec is not None and _spec.loader is not None
+_root_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root_conftest)
+REAL_CT, REAL_CT_MASK, YARDSTICK = _root_conftest.REAL_CT, _root_conftest.REAL_CT_MASK, _root_conftest.YARDSTICK
+
+# Small phantoms keep a CPU epoch at seconds. At this geometry (240 x 240 x 192 mm) seeds 1-5
+# hold the whole spleen (108-283 mL) at least 7 voxels away from every border.
+PHANTOM_SHAPE = (96, 96, 48)
+PHANTOM_SPACING_MM = (2.5, 2.5, 4.0)
+DATASET_SEEDS = (1, 2, 3, 4, 5)
+# Cases cycle through the orientations so evaluation inverts every kind of reorientation.
+DATASET_ORIENTATIONS = ("RAS", "LPS", "LAS")
+COMMAND_TIMEOUT_S = 300
+OUTPUT_TAIL_CHARS = 4000
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``array`` with ``affine`` as sform and qform (code 1), as the MSD files are."""
+    image = nib.Nifti1Image(array, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_data_dtype(array.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+    return path
+
+
+def small_phantom(seed: int, orientation: str):
+    return make_phantom(seed, shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING_MM, orientation=orientation)
+
+
+@dataclass(frozen=True)
+class PhantomDataset:
+    """MSD-layout folder ``root`` (imagesTr/, labelsTr/, no dataset.json); read-only for tests."""
+
+    root: Path
+    cases: tuple[str, ...]  # file names, sorted as the datalist sorts them
+
+    def validation(self, val_count: int) -> tuple[str, ...]:
+        """The bundle validates the last ``val_count`` labelled cases by file name."""
+        return self.cases[-val_count:]
+
+    def label(self, case: str) -> Path:
+        return self.root / "labelsTr" / case
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> PhantomDataset:
+    root = tmp_path_factory.mktemp("Task09_Spleen")
+    names = []
+    for index, seed in enumerate(DATASET_SEEDS, start=1):
+        case = small_phantom(seed, DATASET_ORIENTATIONS[index % len(DATASET_ORIENTATIONS)])
+        assert case.spleen_mask.any(), f"phantom seed {seed} has no spleen in view"
+        name = f"spleen_{index}.nii.gz"
+        save_nifti(case.image_hu.astype(np.int16), case.affine, root / "imagesTr" / name)
+        save_nifti(case.spleen_mask.astype(np.uint8), case.affine, root / "labelsTr" / name)
+        names.append(name)
+    return PhantomDataset(root=root, cases=tuple(sorted(names)))
+
+
+@pytest.fixture(scope="session")
+def demo_fp32_weights(tmp_path_factory) -> Path:
+    """The packaged fp16 demo weights as a plain fp32 state dict, like a bundle's models/model.pt."""
+    state = torch.load(demo_weights_path(), map_location="cpu", weights_only=True)
+    path = tmp_path_factory.mktemp("weights") / "demo_fp32.pt"
+    torch.save({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_command(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_command(args, env=None, timeout=...)``: run in the repository root, capture text output.
+
+    The commands get their own, initially empty, caches: no test reads or fills the user's
+    (official weights, exported networks), so results do not depend on what was run before.
+    """
+    caches = tmp_path_factory.mktemp("caches")
+    isolated = {"SPLEEN_SEG_WEIGHTS": str(caches / "weights"), "SPLEEN_SEG_CACHE": str(caches / "models"),
+                "SPLEEN_SEG_DATA": str(caches / "data")}
+
+    def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S):
+        return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **isolated, **(env or {})})
+
+    return run
+
+
+def output_tail(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout + "\n" + proc.stderr)[-OUTPUT_TAIL_CHARS:]
+
+
+@pytest.fixture(scope="session")
+def tail() -> Callable[[subprocess.CompletedProcess], str]:
+    """The end of a finished command's output, for assertion messages."""
+    return output_tail
+
+
+@pytest.fixture(scope="session")
+def write_nifti() -> Callable[[np.ndarray, np.ndarray, Path], Path]:
+    return save_nifti
+
+
+@pytest.fixture(scope="session")
+def phantom() -> Callable[[int, str], object]:
+    """``phantom(seed, orientation)``: a small phantom of the e2e geometry."""
+    return small_phantom
