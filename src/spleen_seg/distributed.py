@@ -36,7 +36,10 @@ def init_process_group() -> None:
 
 
 def destroy_process_group() -> None:
+    """Leave the group once every rank is done: a rank tearing gloo down while rank 0 still
+    writes its gathered metrics made rank 0 abort at exit ("terminate called ...")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
