@@ -12,6 +12,7 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
@@ -267,7 +268,14 @@ class _RestartError(_TransientError):
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (weights identity in reports and run records)."""
+    """Hex sha256 of a file (weights identity in reports, run records and export caches)."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too: a rewritten file is hashed again.
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
+import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -256,12 +259,21 @@ def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inpu
     atomic_write_text(out_dir / RUN_INFO_FILENAME, json.dumps(info, indent=2, default=str) + "\n")
 
 
+def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
+    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series."""
+    return read_volume(source) if isinstance(source, Path) else _read_series(source)
+
+
 def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case: str | None = None,
-                options: SegmentOptions | None = None, model: dict[str, Any] | None = None) -> CaseResult:
+                options: SegmentOptions | None = None, model: dict[str, Any] | None = None,
+                prefetched: Future | None = None) -> CaseResult:
     """Read, segment and write one input into ``out_dir/<case>/``; user errors become ``CaseResult.error``.
 
     Writes ``spleen.nii.gz``, ``report.json`` and ``preview.png``; for a DICOM series also
     ``spleen_seg.dcm``; with ``options.stl`` also ``spleen.stl`` (not for an empty mask).
+    The files are written into a hidden temporary folder renamed to ``<case>`` at the end,
+    so a failure or a kill leaves no partial case folder. ``prefetched`` is a future of
+    :func:`load_input` already reading this input (batch mode overlaps reading and compute).
     """
     from spleen_seg.report import REPORT_FILENAME, build_report, check_intensity, keep_components, write_report
 
@@ -269,6 +281,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
     case = case or input_case_id(source)
     path = input_source(source)
     case_dir = out_dir / case
+    work_dir = out_dir / f".{case}.partial-{os.getpid()}"
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     start = clock
@@ -280,7 +293,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         clock = now
 
     try:
-        array, geometry = read_volume(source) if isinstance(source, Path) else _read_series(source)
+        array, geometry = prefetched.result() if prefetched is not None else load_input(source)
         warnings = check_intensity(array, str(path), options.strict)
         lap("read")
         raw_mask = segmenter.predict(array, geometry, path)
@@ -290,15 +303,37 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         report = build_report(case, str(path), mask, array, geometry, components, warnings)
         report.model = dict(model or {})
         lap("measure")
-        outputs = _write_outputs(mask, array, geometry, source, case_dir, report, options, lap)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        outputs = _write_outputs(mask, array, geometry, source, work_dir, report, options, lap)
+        report.outputs = {name: str(case_dir / dest.name) for name, dest in outputs.items()}
+        report.timings_s = {**timings, "total": round(time.perf_counter() - start, 4)}
+        write_report(report, work_dir / REPORT_FILENAME)
+        _publish(work_dir, case_dir)
     except SpleenSegError as err:
         return CaseResult(source=path, error=str(err), case=case, status="failed")
-    report.outputs = {name: str(dest) for name, dest in outputs.items()}
-    report.timings_s = {**timings, "total": round(time.perf_counter() - start, 4)}
-    write_report(report, case_dir / REPORT_FILENAME)
-    return CaseResult(source=path, output=outputs["mask"], spleen_ml=report.volume_ml,
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return CaseResult(source=path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
                       seconds=time.perf_counter() - start, case=case,
                       status="ok" if report.spleen_found else "not_found", report=report)
+
+
+def _publish(work_dir: Path, case_dir: Path) -> None:
+    """Replace ``case_dir`` by the finished ``work_dir`` (an earlier run's folder is removed)."""
+    if case_dir.exists():
+        stale = case_dir.with_name(f".{case_dir.name}.old-{os.getpid()}")
+        os.replace(case_dir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(work_dir, case_dir)
+
+
+def _warm_imports() -> None:
+    """Import the output writers' libraries while the network runs (its runtime releases the GIL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure  # noqa: F401
+    import scipy.ndimage  # noqa: F401
 
 
 def _read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
@@ -352,16 +387,26 @@ def segment_files(
 
     options = options or SegmentOptions()
     convention = weights_orientation_convention(weights, options.weights_convention)
-    segmenter = load_segmenter(weights, device, backend, mirror_xy=convention == CONVENTION_MSD, progress=progress)
-    model = {"name": ALGORITHM_NAME, "version": __version__, "weights": str(Path(weights).resolve()),
-             "weights_sha256": file_sha256(weights), "orientation_convention": convention,
-             "device": str(device), "backend": segmenter.runner.backend}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(out_dir, weights, device, segmenter.runner.backend, inputs, orientation_convention=convention)
-    results = []
-    for index, (source, case) in enumerate(zip(inputs, unique_case_ids(inputs), strict=True), start=1):
-        logger.info("[%d/%d] %s", index, len(inputs), input_source(source))
-        results.append(segment_one(segmenter, source, out_dir, case=case, options=options, model=model))
+    # Overlap: the runner compiles and the next input is read while the current one computes.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="spleen-seg-io") as pool:
+        pending = pool.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
+                              progress=progress)
+        reads = {0: pool.submit(load_input, inputs[0])} if inputs else {}
+        if options.preview:
+            pool.submit(_warm_imports)
+        segmenter = pending.result()
+        model = {"name": ALGORITHM_NAME, "version": __version__, "weights": str(Path(weights).resolve()),
+                 "weights_sha256": file_sha256(weights), "orientation_convention": convention,
+                 "device": str(device), "backend": segmenter.runner.backend}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(out_dir, weights, device, segmenter.runner.backend, inputs, orientation_convention=convention)
+        results = []
+        for index, (source, case) in enumerate(zip(inputs, unique_case_ids(inputs), strict=True)):
+            logger.info("[%d/%d] %s", index + 1, len(inputs), input_source(source))
+            if index + 1 < len(inputs):
+                reads[index + 1] = pool.submit(load_input, inputs[index + 1])
+            results.append(segment_one(segmenter, source, out_dir, case=case, options=options, model=model,
+                                       prefetched=reads.pop(index)))
     rows = [SummaryRow(case=r.case, source=str(r.source), status=r.status, report=r.report, error=r.error or "")
             for r in results]
     write_summary(rows, out_dir / SUMMARY_FILENAME)
