@@ -392,9 +392,9 @@ def segment_files(
         pending = pool.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
                               progress=progress)
         reads = {0: pool.submit(load_input, inputs[0])} if inputs else {}
-        if options.preview:
-            pool.submit(_warm_imports)
         segmenter = pending.result()
+        if options.preview:  # after the start-up work, so that it overlaps the network instead
+            pool.submit(_warm_imports)
         model = {"name": ALGORITHM_NAME, "version": __version__, "weights": str(Path(weights).resolve()),
                  "weights_sha256": file_sha256(weights), "orientation_convention": convention,
                  "device": str(device), "backend": segmenter.runner.backend}

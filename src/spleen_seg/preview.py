@@ -102,5 +102,6 @@ def write_preview(image_hu: np.ndarray, mask: np.ndarray, affine_ras: np.ndarray
     figure.tight_layout()
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        figure.savefig(tmp, format="png", facecolor=figure.get_facecolor())
+        # Fast zlib level: the preview is a few hundred kB either way.
+        figure.savefig(tmp, format="png", facecolor=figure.get_facecolor(), pil_kwargs={"compress_level": 1})
     return dest

@@ -127,15 +127,19 @@ def keep_components(mask: np.ndarray, largest_only: bool) -> ComponentResult:
 
     Components are listed largest first. Ties keep the lowest label (first in C order).
     """
-    labels, found = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
+    foreground = mask > 0
+    # Label only the mask's bounding box: the spleen is a small part of a CT volume.
+    nonzero = np.nonzero(foreground.any(axis=(1, 2)))[0], np.nonzero(foreground.any(axis=(0, 2)))[0], \
+        np.nonzero(foreground.any(axis=(0, 1)))[0]
+    box = tuple(slice(int(ix[0]), int(ix[-1]) + 1) if ix.size else slice(0, 0) for ix in nonzero)
+    labels, found = ndimage.label(foreground[box], structure=CONNECTIVITY_26)
     sizes = np.bincount(labels.ravel(), minlength=found + 1)[1:]
     order = sorted(range(found), key=lambda i: (-int(sizes[i]), i))
+    kept_mask = foreground.astype(np.uint8)
+    kept = found
     if largest_only and found > 1:
-        kept_mask = (labels == order[0] + 1).astype(np.uint8)
+        kept_mask[box] = labels == order[0] + 1
         kept = 1
-    else:
-        kept_mask = (mask > 0).astype(np.uint8)
-        kept = found
     return ComponentResult(mask=kept_mask, found=int(found), kept=kept, voxels_per_component=[int(sizes[i]) for i in order])
 
 
@@ -201,7 +205,7 @@ def intensity_warning(image: np.ndarray) -> str | None:
     CT of a body holds air (-1000 HU) or fat (-100 HU) and mostly soft tissue; MR and
     other modalities are mostly 0..4000 with nothing negative.
     """
-    flat = image.reshape(-1)
+    flat = image.ravel(order="K")  # no copy for nibabel's Fortran-ordered arrays
     step = max(1, flat.size // INTENSITY_SAMPLE_VOXELS)
     low, median = np.percentile(flat[::step], [INTENSITY_LOW_PERCENTILE, 50.0])
     if low > INTENSITY_LOW_MAX_HU or median > INTENSITY_MEDIAN_MAX_HU:
