@@ -134,6 +134,8 @@ class Segmenter:
     # the prediction mirrored back, so the network sees anatomy as it did in training.
     mirror_xy: bool = False
     progress: bool = True
+    # None computes every sliding window (MONAI's average everywhere; see windows.py).
+    focus_radius: int | None = RECIPE.inference.focus_radius
     last_windows: WindowStats | None = field(default=None, init=False)
 
     def preprocess(self, array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Reorientation]:
@@ -160,7 +162,7 @@ class Segmenter:
             image = np.ascontiguousarray(image[::-1, ::-1])
         inf = self.recipe.inference
         margin, self.last_windows = spleen_margin(
-            image, self.runner, inf.roi_size, inf.overlap, self.runner.batch_size, inf.focus_radius, self.progress
+            image, self.runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
         )
         if self.mirror_xy:
             margin = margin[::-1, ::-1]
@@ -199,9 +201,11 @@ def invert_margin(margin: np.ndarray, grid_affine: np.ndarray, ras_shape: tuple[
 
 
 def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_xy: bool = False,
-                   progress: bool = True) -> Segmenter:
+                   progress: bool = True, all_windows: bool = False) -> Segmenter:
     """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``)."""
-    return Segmenter(runner=make_runner(weights, backend, device), mirror_xy=mirror_xy, progress=progress)
+    focus = None if all_windows else RECIPE.inference.focus_radius
+    return Segmenter(runner=make_runner(weights, backend, device), mirror_xy=mirror_xy, progress=progress,
+                     focus_radius=focus)
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class SegmentOptions:
     strict: bool = False
     stl: bool = False
     preview: bool = True
+    all_windows: bool = False
     # None: decide from the weights (see network.weights_orientation_convention).
     weights_convention: str | None = None
 
@@ -390,7 +395,7 @@ def segment_files(
     # Overlap: the runner compiles and the next input is read while the current one computes.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="spleen-seg-io") as pool:
         pending = pool.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
-                              progress=progress)
+                              progress=progress, all_windows=options.all_windows)
         reads = {0: pool.submit(load_input, inputs[0])} if inputs else {}
         segmenter = pending.result()
         if options.preview:  # after the start-up work, so that it overlaps the network instead
