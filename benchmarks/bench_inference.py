@@ -8,6 +8,7 @@ as whole processes with the same weights (the yardstick weights), and prints per
 time and peak RSS, their medians, the speed ratio, and the Dice between the two masks.
 
 Usage: python benchmarks/bench_inference.py [--runs 3] [--weights PATH] [--extra-args "..."]
+       [--variant NAME="flags" ...]   (more spleen-seg configurations, timed in the same rotation)
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--weights", type=Path, default=YARDSTICK)
     parser.add_argument("--extra-args", default="", help="extra flags for spleen-seg segment")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                        help="another spleen-seg configuration to time, e.g. torch=\"--backend torch\"")
     args = parser.parse_args()
     if not REAL_CT.exists() or not args.weights.exists():
         sys.exit(f"needs {REAL_CT} and {args.weights}")
@@ -89,27 +92,36 @@ def main() -> None:
 
     bundle_cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                   "--bundle_root", str(bundle_root), "--dataset_dir", str(dataset), "--output_dir", str(work / "bundle_out")]
-    ours_cmd = [sys.executable, "-m", "spleen_seg.cli", "-q", "segment", str(volume), "-o", str(work / "ours_out"),
-                "--weights", str(args.weights), *shlex.split(args.extra_args)]
-    # One untimed run of ours exports the weights to the model cache (first-use cost).
-    warm_wall, _ = timed(ours_cmd, REPO)
-    print(f"first run of spleen-seg (exports the model to its cache): {warm_wall:.1f} s")
+    def ours_cmd(name: str, flags: str) -> list[str]:
+        return [sys.executable, "-m", "spleen_seg.cli", "-q", "segment", str(volume), "-o", str(work / f"out_{name}"),
+                "--weights", str(args.weights), *shlex.split(flags)]
 
-    results: dict[str, list[tuple[float, float]]] = {"bundle": [], "spleen-seg": []}
+    variants = {"spleen-seg": args.extra_args}
+    variants.update(dict(v.split("=", 1) for v in args.variant))
+    commands = {"bundle": bundle_cmd, **{name: ours_cmd(name, flags) for name, flags in variants.items()}}
+    for name in variants:  # first use exports the weights to the model cache: not timed
+        warm_wall, _ = timed(commands[name], REPO)
+        print(f"first run of {name} (exports the model to its cache if needed): {warm_wall:.1f} s")
+
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for run in range(1, args.runs + 1):
-        for name, cmd in (("bundle", bundle_cmd), ("spleen-seg", ours_cmd)):
+        for name, cmd in commands.items():
             wall, rss = timed(cmd, REPO)
             results[name].append((wall, rss))
-            print(f"run {run} {name:10s} wall {wall:6.2f} s  peak RSS {rss:7.0f} MiB", flush=True)
+            print(f"run {run} {name:12s} wall {wall:6.2f} s  peak RSS {rss:7.0f} MiB", flush=True)
 
-    medians = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
     bundle_mask = np.asarray(nib.load(str(work / "bundle_out" / "msd_geometry_ct" / "msd_geometry_ct_trans.nii.gz")).dataobj)
-    ours_mask = np.asarray(nib.load(str(work / "ours_out" / "msd_geometry_ct" / "spleen.nii.gz")).dataobj)
-    print(f"median bundle     : {medians['bundle'][0]:.2f} s, peak RSS {medians['bundle'][1]:.0f} MiB")
-    print(f"median spleen-seg : {medians['spleen-seg'][0]:.2f} s, peak RSS {medians['spleen-seg'][1]:.0f} MiB")
-    print(f"speed ratio (bundle / spleen-seg): {medians['bundle'][0] / medians['spleen-seg'][0]:.2f}x")
-    print(f"mask Dice spleen-seg vs bundle: {dice(ours_mask, bundle_mask):.4f} "
-          f"(voxels {int((ours_mask > 0).sum())} vs {int((bundle_mask > 0).sum())})")
+    bundle_wall = statistics.median(w for w, _ in results["bundle"])
+    print(f"{'pipeline':12s} {'median s':>9s} {'ratio':>6s} {'peak RSS MiB':>13s} {'Dice vs bundle':>15s}")
+    for name, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        rss = statistics.median(r for _, r in runs)
+        if name == "bundle":
+            score = 1.0
+        else:
+            mask = np.asarray(nib.load(str(work / f"out_{name}" / "msd_geometry_ct" / "spleen.nii.gz")).dataobj)
+            score = dice(mask, bundle_mask)
+        print(f"{name:12s} {wall:9.2f} {bundle_wall / wall:5.2f}x {rss:13.0f} {score:15.4f}")
 
 
 if __name__ == "__main__":

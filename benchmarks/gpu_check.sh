@@ -4,7 +4,7 @@
 #   TensorRT fp32/fp16 where TensorRT is installed) and end to end per volume, bundle
 #   inference.json against spleen-seg segment --device cuda, as whole processes.
 # Needs, prepared on the CPU machine (ignored by git, carried with `carry`):
-#   .whl/     monai, nibabel, pytorch-ignite wheels for the GPU image's Python
+#   .whl/     monai, nibabel, pytorch-ignite, fire, termcolor wheels for the GPU image's Python (cp312)
 #   .device/  yardstick.pt and msd_ct.nii.gz (MSD-geometry CT from benchmarks/bench_inference.py)
 set -uo pipefail
 OUT=${OUT:-out/gpu}
