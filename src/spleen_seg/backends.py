@@ -151,8 +151,7 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
     model = core.read_model(str(xml))
     model.reshape([OPENVINO_BATCH, 1, *ROI])
     # f32 inference precision: OpenVINO may otherwise pick bf16 where the CPU has it.
-    hint = "f16" if precision == "fp16" else "f32"
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -180,6 +179,8 @@ def make_runner(weights: Path, backend: str, device: str, precision: str = "fp32
     if precision not in PRECISIONS:
         raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     name = resolve_backend(backend, device)
+    if precision == "fp16" and not (device.startswith("cuda") and name in ("torch", "tensorrt")):
+        raise ConfigError(f"--precision fp16 needs CUDA and the torch or tensorrt backend (got {name} on {device})")
     if name in ("openvino", "onnx") and not _installed({"openvino": "openvino", "onnx": "onnxruntime"}[name]):
         raise ConfigError(f"backend {name} is not installed: pip install {'openvino' if name == 'openvino' else 'onnxruntime'}")
     return RUNNERS[name](Path(weights), device, precision)

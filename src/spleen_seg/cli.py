@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
     seg.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
                      help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
+    seg.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                     help="fp16: AMP for torch on CUDA, fp16 engine for TensorRT (CPU backends run fp32)")
     seg.add_argument("--all-windows", action="store_true",
                      help="compute every sliding window (the bundle's exact average everywhere; slower)")
 
@@ -173,7 +175,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     device = resolve_device_name(args.device)
     inputs = collect_inputs(args.inputs)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
-                             weights_convention=args.weights_convention, all_windows=args.all_windows)
+                             weights_convention=args.weights_convention, all_windows=args.all_windows,
+                             precision=args.precision)
     results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
                             options=options)
     failures = [r for r in results if r.error]

@@ -1,11 +1,9 @@
-"""Segment CT volumes: the reference bundle's inference pipeline as a library call.
+"""Segment CT volumes: the reference bundle's inference pipeline as a library call, and
+the ``segment`` command's batch driver (inputs, outputs, reports, previews).
 
-Preprocessing is the bundle's own chain (``transforms.inference_preprocessing``),
-the network runs by sliding window (96^3, overlap 0.5), and the prediction is
-inverted to the input grid with MONAI's ``Invertd``. Two exact savings over the
-bundle: only the spleen-minus-background probability margin ``p1 - p0`` is
-inverted (interpolation is linear, so ``invert(p1) - invert(p0) == invert(p1 - p0)``
-and ``argmax`` over two channels is ``margin > 0``), which halves the inversion work.
+``Segmenter`` computes what the bundle's ``inference.json`` computes (see its docstring
+for the exact savings); ``segment_files`` reads inputs ahead while the network runs and
+writes each case's folder atomically.
 """
 
 from __future__ import annotations
@@ -136,20 +134,32 @@ class Segmenter:
     progress: bool = True
     # None computes every sliding window (MONAI's average everywhere; see windows.py).
     focus_radius: int | None = RECIPE.inference.focus_radius
+    # On "cuda..." the resampling, windowing and inversion run on the GPU (torch tensors).
+    device: str = "cpu"
     last_windows: WindowStats | None = field(default=None, init=False)
+
+    def _to_device(self, array: np.ndarray):
+        if not self.device.startswith("cuda"):
+            return array
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def preprocess(self, array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Reorientation]:
         """(X, Y, Z) HU -> (windowed image on the 1.5 x 1.5 x 2 mm RAS grid, its affine, reorientation)."""
         pre = self.recipe.preprocessing
         reorientation = Reorientation.for_affine(geometry.affine_ras, geometry.shape, pre.axcodes)
-        ras = reorientation.apply(array)
+        ras = reorientation.apply(self._to_device(array))
         ras_affine = reorientation.affine(geometry.affine_ras)
-        grid_shape, grid_affine = spacing_grid(ras.shape, ras_affine, pre.spacing_mm)
+        grid_shape, grid_affine = spacing_grid(tuple(ras.shape), ras_affine, pre.spacing_mm)
         image = resample_linear(ras, ras_affine, grid_affine, grid_shape)
         low, high = pre.hu_window
         image -= low
         image *= 1.0 / (high - low)
-        np.clip(image, 0.0, 1.0, out=image)
+        if isinstance(image, np.ndarray):
+            np.clip(image, 0.0, 1.0, out=image)
+        else:  # the windows are cut on the host: the runner moves each batch to its device
+            image = image.clamp_(0.0, 1.0).cpu().numpy()
         return image, grid_affine, reorientation
 
     def predict(self, array: np.ndarray, geometry: Geometry, source: str | Path = "") -> np.ndarray:
@@ -168,29 +178,55 @@ class Segmenter:
             margin = margin[::-1, ::-1]
         ras_affine = reorientation.affine(geometry.affine_ras)
         ras_shape = tuple(int(n) for n in reorientation.apply(np.empty(geometry.shape, dtype=np.uint8)).shape)
-        mask_ras = invert_margin(margin, grid_affine, ras_shape, ras_affine)
-        mask = np.ascontiguousarray(reorientation.undo(mask_ras))
+        mask_ras = invert_margin(self._to_device(margin), grid_affine, ras_shape, ras_affine)
+        mask = reorientation.undo(mask_ras)
+        mask = np.ascontiguousarray(mask if isinstance(mask, np.ndarray) else mask.cpu().numpy())
         if mask.shape != geometry.shape:
             raise RuntimeError(f"inverted mask shape {mask.shape} differs from input {geometry.shape}")
         return mask
 
 
-def invert_margin(margin: np.ndarray, grid_affine: np.ndarray, ras_shape: tuple[int, ...], ras_affine: np.ndarray) -> np.ndarray:
+def _positive_box(margin) -> tuple[list[int], list[int]] | None:
+    """(first, last) index per axis of the voxels with a positive margin; None if there are none."""
+    if isinstance(margin, np.ndarray):
+        index = np.nonzero(margin > 0)
+        if index[0].size == 0:
+            return None
+        return [int(ix.min()) for ix in index], [int(ix.max()) for ix in index]
+    import torch
+
+    found = torch.nonzero(margin > 0)
+    if found.shape[0] == 0:
+        return None
+    return found.min(dim=0).values.tolist(), found.max(dim=0).values.tolist()
+
+
+def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], ras_affine: np.ndarray):
     """Spleen mask on the RAS input grid from the margin on the preprocessed grid.
 
     Interpolates ``p1 - p0 = tanh(margin / 2)`` trilinearly (as ``Invertd`` does for the
     two softmax channels) and only inside the box of positive margin: outside it every
-    interpolation neighbour is negative, so the mask is 0 there.
+    interpolation neighbour is negative, so the mask is 0 there. ``margin`` is a numpy
+    array or a torch tensor; the mask (uint8) is of the same kind and device.
     """
-    mask = np.zeros(ras_shape, dtype=np.uint8)
-    positive = np.nonzero(margin > 0)
-    if positive[0].size == 0:
+    mask: Any
+    tanh: Any
+    if isinstance(margin, np.ndarray):
+        mask = np.zeros(ras_shape, dtype=np.uint8)
+        tanh = np.tanh
+    else:
+        import torch
+
+        mask = torch.zeros(ras_shape, dtype=torch.uint8, device=margin.device)
+        tanh = torch.tanh
+    box = _positive_box(margin)
+    if box is None:
         return mask
-    src_box = tuple(slice(max(int(ix.min()) - 1, 0), min(int(ix.max()) + 2, n)) for ix, n in zip(positive, margin.shape, strict=True))
+    src_box = tuple(slice(max(lo - 1, 0), min(hi + 2, n)) for lo, hi, n in zip(*box, margin.shape, strict=True))
     crop_affine = grid_affine.copy()
     crop_affine[:3, 3] = grid_affine[:3, :3] @ [b.start for b in src_box] + grid_affine[:3, 3]
-    probs = np.tanh(margin[src_box] * 0.5)
-    dst_box = index_box(ras_affine, grid_affine, src_box, ras_shape, margin.shape)
+    probs = tanh(margin[src_box] * 0.5)
+    dst_box = index_box(ras_affine, grid_affine, src_box, ras_shape, tuple(margin.shape))
     dst_shape = tuple(b.stop - b.start for b in dst_box)
     if min(dst_shape) <= 0:
         return mask
@@ -201,11 +237,14 @@ def invert_margin(margin: np.ndarray, grid_affine: np.ndarray, ras_shape: tuple[
 
 
 def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_xy: bool = False,
-                   progress: bool = True, all_windows: bool = False) -> Segmenter:
-    """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``)."""
+                   progress: bool = True, all_windows: bool = False, precision: str = "fp32") -> Segmenter:
+    """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``).
+
+    ``precision="fp16"``: AMP autocast for torch on CUDA, an fp16 engine for TensorRT.
+    """
     focus = None if all_windows else RECIPE.inference.focus_radius
-    return Segmenter(runner=make_runner(weights, backend, device), mirror_xy=mirror_xy, progress=progress,
-                     focus_radius=focus)
+    return Segmenter(runner=make_runner(weights, backend, device, precision), mirror_xy=mirror_xy, progress=progress,
+                     focus_radius=focus, device=device)
 
 
 @dataclass(frozen=True)
@@ -217,6 +256,7 @@ class SegmentOptions:
     stl: bool = False
     preview: bool = True
     all_windows: bool = False
+    precision: str = "fp32"
     # None: decide from the weights (see network.weights_orientation_convention).
     weights_convention: str | None = None
 
@@ -395,7 +435,7 @@ def segment_files(
     # Overlap: the runner compiles and the next input is read while the current one computes.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="spleen-seg-io") as pool:
         pending = pool.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
-                              progress=progress, all_windows=options.all_windows)
+                              progress=progress, all_windows=options.all_windows, precision=options.precision)
         reads = {0: pool.submit(load_input, inputs[0])} if inputs else {}
         segmenter = pending.result()
         if options.preview:  # after the start-up work, so that it overlaps the network instead

@@ -15,6 +15,10 @@ steps of the bundle's preprocessing without it:
 * ``Invertd``: the same interpolation from the preprocessed grid back to the input grid.
 
 A unit test holds these against MONAI's transforms on several geometries.
+
+The functions take numpy arrays or torch tensors (on any device): on CUDA machines the
+preprocessing and the inversion run on the GPU with the same code (the per-axis
+coordinates and weights are computed in numpy; only gathers and blends touch the data).
 """
 
 from __future__ import annotations
@@ -25,6 +29,39 @@ import nibabel as nib
 import numpy as np
 
 AXIS_ALIGNED_TOL = 1e-6
+
+
+def _is_torch(array) -> bool:
+    return type(array).__module__.startswith("torch")
+
+
+def _apply_ornt(array, ornt: np.ndarray):
+    """nibabel's ``apply_orientation`` (flip, then transpose) for numpy arrays or torch tensors."""
+    if not _is_torch(array):
+        return nib.orientations.apply_orientation(array, ornt)
+    import torch
+
+    flips = [axis for axis, flip in enumerate(ornt[:, 1]) if flip == -1]
+    if flips:
+        array = torch.flip(array, flips)
+    return array.permute(*np.argsort(ornt[:, 0]).tolist())
+
+
+def _take(array, index: np.ndarray, axis: int):
+    if not _is_torch(array):
+        return np.take(array, index, axis=axis)
+    import torch
+
+    return torch.index_select(array, axis, torch.as_tensor(index, device=array.device))
+
+
+def _like(values: np.ndarray, array):
+    """``values`` (float) as an array of ``array``'s kind, dtype and device."""
+    if not _is_torch(array):
+        return values.astype(np.float32)
+    import torch
+
+    return torch.as_tensor(values, dtype=array.dtype, device=array.device)
 
 
 @dataclass(frozen=True)
@@ -45,11 +82,11 @@ class Reorientation:
             input_shape=tuple(shape),
         )
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        return nib.orientations.apply_orientation(array, self.to_ras)
+    def apply(self, array):
+        return _apply_ornt(array, self.to_ras)
 
-    def undo(self, array: np.ndarray) -> np.ndarray:
-        return nib.orientations.apply_orientation(array, self.from_ras)
+    def undo(self, array):
+        return _apply_ornt(array, self.from_ras)
 
     def affine(self, affine: np.ndarray) -> np.ndarray:
         """The affine of the reoriented array."""
@@ -97,18 +134,17 @@ def _axis_map(src_affine: np.ndarray, dst_affine: np.ndarray) -> tuple[np.ndarra
     return np.diag(linear).copy(), xform[:3, 3].copy()
 
 
-def _interp_axis(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+def _interp_axis(array, axis: int, coords: np.ndarray):
     """Linear interpolation of ``array`` along ``axis`` at ``coords`` (border padding)."""
     n = array.shape[axis]
     coords = np.clip(coords, 0.0, n - 1.0)
     low = np.minimum(np.floor(coords).astype(np.intp), max(n - 2, 0))
-    weight = (coords - low).astype(np.float32)
     high = np.minimum(low + 1, n - 1)
     shape = [1] * array.ndim
     shape[axis] = -1
-    weight = weight.reshape(shape)
-    a = np.take(array, low, axis=axis)
-    b = np.take(array, high, axis=axis)
+    weight = _like((coords - low).reshape(shape), array)
+    a = _take(array, low, axis)
+    b = _take(array, high, axis)
     a *= 1.0 - weight
     b *= weight
     a += b
@@ -116,13 +152,13 @@ def _interp_axis(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray
 
 
 def resample_linear(
-    array: np.ndarray,
+    array,
     src_affine: np.ndarray,
     dst_affine: np.ndarray,
     dst_shape: tuple[int, ...],
     dst_start: tuple[int, ...] = (0, 0, 0),
-) -> np.ndarray:
-    """Trilinear resampling of a (X, Y, Z) float32 array onto an axis-aligned grid.
+):
+    """Trilinear resampling of a (X, Y, Z) float32 array (or torch tensor) onto an axis-aligned grid.
 
     Computes the block of the destination grid ``dst_shape`` voxels large whose first
     voxel is ``dst_start`` (a crop, so callers can resample only where it matters).
@@ -132,7 +168,7 @@ def resample_linear(
     scale, shift = _axis_map(src_affine, dst_affine)
     coords = [scale[a] * (np.arange(dst_shape[a]) + dst_start[a]) + shift[a] for a in range(3)]
     order = sorted(range(3), key=lambda a: dst_shape[a] / max(array.shape[a], 1))
-    out = np.asarray(array, dtype=np.float32)
+    out = array.float() if _is_torch(array) else np.asarray(array, dtype=np.float32)
     for axis in order:
         out = _interp_axis(out, axis, coords[axis])
     return out

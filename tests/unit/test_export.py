@@ -84,3 +84,8 @@ def test_backend_resolution():
     assert resolve_backend("onnx", "cpu") == "onnx"
     with pytest.raises(ConfigError):
         resolve_backend("tflite", "cpu")
+
+
+def test_fp16_on_cpu_is_refused(weights):
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        make_runner(weights, "openvino", "cpu", "fp16")

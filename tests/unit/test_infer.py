@@ -72,3 +72,16 @@ def test_batch_continues_after_a_bad_input(tmp_path):
     assert results[1].error is None and results[1].output.exists()
     assert not (tmp_path / "out" / "bad").exists()
     assert nib.load(str(results[1].output)).shape == image.shape
+
+
+def test_torch_device_path_equals_numpy_path(monkeypatch):
+    """On CUDA the Segmenter resamples and inverts with torch tensors; run that code on CPU tensors."""
+    image, truth, affine = sphere_volume((50, 46, 30), (0.9, 0.9, 2.5), (-1, 1, 1))
+    geometry = Geometry(shape=image.shape, affine_ras=affine)
+    numpy_mask = Segmenter(runner=Runner(threshold_margin, 4, "test"), progress=False).predict(image, geometry)
+    segmenter = Segmenter(runner=Runner(threshold_margin, 4, "test"), progress=False)
+    monkeypatch.setattr(Segmenter, "_to_device", lambda self, array: torch.from_numpy(np.ascontiguousarray(array)))
+    torch_mask = segmenter.predict(image, geometry)
+    assert torch_mask.dtype == np.uint8 and torch_mask.shape == image.shape
+    assert numpy_mask.sum() > 1000
+    np.testing.assert_array_equal(torch_mask, numpy_mask)
