@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, help="maximum epochs (bundle: 600)")
     train.add_argument("--val-interval", type=_positive_int, help="validate every N epochs (bundle: 5)")
     train.add_argument("--resume", action="store_true", help="continue from the last every-epoch checkpoint")
+    train.add_argument("--fix-msd-orientation", action="store_true",
+                       help="correct MSD Task09 headers (voxels LPS, headers RAS) so the weights learn true anatomy")
 
     ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate with the bundle's evaluate.json (original image space)")
     _add_bundle_run_flags(ev)
@@ -162,6 +164,8 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[key] = value
     if getattr(args, "resume", False):
         overrides["resume"] = True
+    if getattr(args, "fix_msd_orientation", False):
+        overrides["fix_msd_orientation"] = True
     overrides.update(dict(args.overrides))
     return overrides
 
@@ -197,7 +201,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from spleen_seg.train import train
 
-    best = train(args.bundle_root, _bundle_overrides(args))
+    overrides = _bundle_overrides(args)
+    best = train(args.bundle_root, overrides)
     print(f"best validation mean Dice {best:.4f}; weights: {args.bundle_root / 'models' / 'model.pt'}")
     return 0
 

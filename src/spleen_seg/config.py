@@ -303,6 +303,9 @@ def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
         "val_count": tr.val_count,
         "num_workers": tr.num_workers,
         "resume": False,
+        # true: correct the MSD Task09 headers (voxels LPS, headers RAS; model-zoo #766) so
+        # that the weights learn true anatomy. false, as the reference: MSD-convention weights.
+        "fix_msd_orientation": False,
         "loss": {
             "_target_": "DiceCELoss",
             "to_onehot_y": True,

@@ -102,7 +102,17 @@ def run_workflow(bundle_root: str | Path, config_names: list[str], overrides: di
 
 
 def train(bundle_root: str | Path, overrides: dict[str, Any]) -> float:
-    """Run ``train.json``; returns the best validation mean Dice (``models/model.pt``)."""
+    """Run ``train.json``; returns the best validation mean Dice (``models/model.pt``).
+
+    With ``fix_msd_orientation`` the weights learned true anatomy: a sidecar
+    ``models/model.pt.json`` records that convention for ``segment``.
+    """
     workflow = run_workflow(bundle_root, ["train.json"], overrides)
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    if overrides.get("fix_msd_orientation"):
+        from spleen_seg.io.atomic import atomic_write_text
+        from spleen_seg.network import CONVENTION_TRUE, SIDECAR_KEY, sidecar_path
+
+        weights = Path(bundle_root).resolve() / "models" / "model.pt"
+        atomic_write_text(sidecar_path(weights), json.dumps({SIDECAR_KEY: CONVENTION_TRUE}) + "\n")
     return float(evaluator.state.best_metric)

@@ -17,6 +17,38 @@ if TYPE_CHECKING:
 
 Component = dict[str, Any]
 
+# Mirror of world x and y: what the MSD Task09 headers get wrong (model-zoo issue #766).
+MSD_HEADER_FIX = ((-1.0, 0.0, 0.0, 0.0), (0.0, -1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+
+
+class FixMSDOrientationd:
+    """Correct MSD Task09 headers: their voxels are stored LPS while the affine claims RAS.
+
+    With ``enabled`` the affine of each key becomes ``diag(-1, -1, 1, 1) @ affine``: world
+    x and y are mirrored, which moves every voxel to where its anatomy really is (the
+    spleen to the patient's left, world x < 0 in RAS+). RAS reorientation then shows the
+    network true anatomy and the weights learn the "true" convention. Disabled (the
+    default, as in the reference bundle) it passes the data through unchanged.
+    Must follow ``LoadImaged`` (it edits the MetaTensor's affine, not the voxels).
+    """
+
+    def __init__(self, keys: str | list[str], enabled: bool = False) -> None:
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.enabled = bool(enabled)
+
+    def __call__(self, data: dict) -> dict:
+        if not self.enabled:
+            return data
+        import torch
+
+        fix = torch.tensor(MSD_HEADER_FIX, dtype=torch.float64)
+        out = dict(data)
+        for key in self.keys:
+            image = out[key]
+            image.affine = fix @ image.affine.to(torch.float64)
+            out[key] = image
+        return out
+
 
 def _geometry(keys: list[str], pre: PreprocessingConfig, modes: str | list[str]) -> list[Component]:
     return [
@@ -55,6 +87,7 @@ def training_deterministic_config(pre: PreprocessingConfig, roi_size: tuple[int,
     keys = ["image", "label"]
     return [
         {"_target_": "LoadImaged", "keys": keys},
+        {"_target_": "spleen_seg.transforms.FixMSDOrientationd", "keys": keys, "enabled": "@fix_msd_orientation"},
         *_geometry(keys, pre, ["bilinear", "nearest"]),
         intensity_config(pre),
         # Drop the air around the body: after windowing, air and fat are 0.

@@ -44,3 +44,43 @@ def test_network_def_instantiates_the_reference_unet():
 def test_json_is_valid_and_round_trips():
     for name, content in bundle_configs().items():
         assert json.loads(render_json(content)) == json.loads(json.dumps(content)), name
+
+
+def test_msd_header_fix_mirrors_world_x_and_y_only_when_enabled():
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from spleen_seg.transforms import FixMSDOrientationd
+
+    affine = torch.tensor([[1.5, 0, 0, -200.0], [0, 1.5, 0, -180.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]], dtype=torch.float64)
+    data = {"image": MetaTensor(torch.zeros(1, 4, 4, 4), affine=affine.clone()),
+            "label": MetaTensor(torch.zeros(1, 4, 4, 4), affine=affine.clone())}
+    unchanged = FixMSDOrientationd(["image", "label"], enabled=False)(data)
+    np.testing.assert_allclose(unchanged["image"].affine.numpy(), affine.numpy())
+    fixed = FixMSDOrientationd(["image", "label"], enabled=True)(data)
+    for key in ("image", "label"):
+        expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine.numpy()
+        np.testing.assert_allclose(fixed[key].affine.numpy(), expected)
+    # A voxel at world x = -100 mm (patient's left in RAS+) under the MSD header lies at +100 mm.
+    voxel = np.array([(-100.0 + 200.0) / 1.5, 0, 0, 1])
+    assert (affine.numpy() @ voxel)[0] == pytest.approx(-100.0)
+    assert (fixed["image"].affine.numpy() @ voxel)[0] == pytest.approx(100.0)
+
+
+def test_train_json_applies_the_msd_fix_after_loading(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    for name in ("image", "label"):
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), str(tmp_path / f"{name}.nii.gz"))
+    files = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    for enabled, sign in ((False, 1.0), (True, -1.0)):
+        parser = ConfigParser(bundle_configs()["train.json"])
+        parser["fix_msd_orientation"] = enabled
+        load, fix = parser.get_parsed_content("train#deterministic_transforms")[:2]
+        data = fix(load(files))
+        assert data["image"].affine[0, 0].item() == pytest.approx(sign * 1.5)
+        assert data["label"].affine[1, 1].item() == pytest.approx(sign * 1.5)
+        assert data["image"].affine[2, 2].item() == pytest.approx(2.0)
