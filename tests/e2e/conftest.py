@@ -36,7 +36,7 @@ DATASET_SEEDS = (1, 2, 3, 4, 5)
 # Cases cycle through the orientations so evaluation inverts every kind of reorientation.
 DATASET_ORIENTATIONS = ("RAS", "LPS", "LAS")
 COMMAND_TIMEOUT_S = 300
-OUTPUT_TAIL_CHARS = 4000
+OUTPUT_TAIL_CHARS = 6000
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -111,7 +111,11 @@ def run_command(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
 
 
 def output_tail(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stdout + "\n" + proc.stderr)[-OUTPUT_TAIL_CHARS:]
+    """The end of the output without library deprecation warnings (they crowd out errors)."""
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    kept = [line for i, line in enumerate(lines)
+            if "Warning:" not in line and not (i > 0 and "Warning:" in lines[i - 1] and line.startswith("  "))]
+    return "\n".join(kept)[-OUTPUT_TAIL_CHARS:]
 
 
 @pytest.fixture(scope="session")
