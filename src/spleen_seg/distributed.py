@@ -6,6 +6,7 @@ configs run on CPU processes with gloo, which is how CI tests them with two rank
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -39,6 +40,9 @@ def destroy_process_group() -> None:
     """Leave the group once every rank is done: a rank tearing gloo down while rank 0 still
     writes its gathered metrics made rank 0 abort at exit ("terminate called ...")."""
     if dist.is_initialized():
+        # Free finished collectives' work objects (they hold tensors) while the interpreter
+        # is fully alive: gloo freeing them during interpreter teardown can abort the process.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

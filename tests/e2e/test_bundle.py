@@ -21,6 +21,18 @@ from spleen_seg.network import build, load_network
 BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run"]
 # torchrun, two processes on this machine; --standalone picks a free rendezvous port.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+# Seen twice in about 20 CPU torchrun runs here, in full-suite runs only: rank 0 aborted with
+# this message at process exit, after finishing its work, with gloo (an exit-time teardown
+# race, cf. pytorch/pytorch#190489). Such a run is repeated once; its results are then
+# checked as usual, and any other failure fails at once.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def _run_torchrun(run_command, args: list[str]):
+    proc = run_command([*TORCHRUN, *args], env=DDP_ENV)
+    if proc.returncode != 0 and GLOO_EXIT_ABORT in proc.stdout + proc.stderr:
+        proc = run_command([*TORCHRUN, *args], env=DDP_ENV)
+    return proc
 # Two ranks on two cores: one thread each, or they thrash.
 DDP_ENV = {"OMP_NUM_THREADS": "1"}
 TRAIN_VAL_COUNT = 2
@@ -152,10 +164,10 @@ def test_bundle_evaluate_demo_weights(phantom_dataset, demo_fp32_weights, run_co
 @needs_gloo
 def test_torchrun_train_two_ranks(phantom_dataset, run_command, tail, tmp_path):
     root = tmp_path / "bundle"
-    proc = run_command([*TORCHRUN, "-m", "monai.bundle", "run",
-                        "--config_file", _config_list("train.json", "multi_gpu_train.json"),
-                        "--dataset_dir", str(phantom_dataset.root), "--bundle_root", str(root), *TINY_TRAINING],
-                       env=DDP_ENV)
+    proc = _run_torchrun(run_command, ["-m", "monai.bundle", "run",
+                                       "--config_file", _config_list("train.json", "multi_gpu_train.json"),
+                                       "--dataset_dir", str(phantom_dataset.root), "--bundle_root", str(root),
+                                       *TINY_TRAINING])
     assert proc.returncode == 0, tail(proc)
     models = root / "models"
     # Rank 0 alone saves: one model.pt, one resume checkpoint, no stray temp or duplicate files.
@@ -171,10 +183,10 @@ def test_torchrun_train_two_ranks(phantom_dataset, run_command, tail, tmp_path):
 def test_torchrun_evaluate_gathers_all_cases(phantom_dataset, demo_fp32_weights, run_command, tail, tmp_path):
     val_count = 3  # rank 0 gets two cases, rank 1 one
     root = _bundle_with_weights(tmp_path, demo_fp32_weights)
-    proc = run_command([*TORCHRUN, "-m", "monai.bundle", "run",
-                        "--config_file", _config_list("train.json", "evaluate.json", "multi_gpu_evaluate.json"),
-                        "--dataset_dir", str(phantom_dataset.root), "--bundle_root", str(root),
-                        "--val_count", str(val_count), "--num_workers", "0"], env=DDP_ENV)
+    proc = _run_torchrun(run_command, ["-m", "monai.bundle", "run", "--config_file",
+                                       _config_list("train.json", "evaluate.json", "multi_gpu_evaluate.json"),
+                                       "--dataset_dir", str(phantom_dataset.root), "--bundle_root", str(root),
+                                       "--val_count", str(val_count), "--num_workers", "0"])
     assert proc.returncode == 0, tail(proc)
     rows = _check_evaluation(root / "eval", phantom_dataset, val_count)
     assert len(rows) == val_count  # each case once: gathered, not duplicated
