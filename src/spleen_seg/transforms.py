@@ -1,9 +1,10 @@
 """Pre- and post-processing shared by train, evaluate and infer.
 
 The transform chains are written once, as MONAI bundle component dicts
-(``{"_target_": "Spacingd", ...}``). The bundle JSON embeds them, and Python code
-instantiates the very same dicts with :func:`instantiate`, so the bundle and the
-``spleen-seg`` commands cannot preprocess differently.
+(``{"_target_": "Spacingd", ...}``) that the generated bundle JSON embeds, so train,
+evaluate and the bundle's inference run one definition. ``spleen-seg segment``
+computes the same inference preprocessing without MONAI (``resample.py``, tested
+against these transforms), reading its values from the same ``PreprocessingConfig``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from monai.transforms import Compose
 
     from spleen_seg.config import PreprocessingConfig, Recipe, TrainingConfig
 
@@ -132,21 +132,3 @@ def inversion_config(keys: str | list[str], transform_ref: str, nearest: bool | 
         "nearest_interp": nearest,
         "to_tensor": True,
     }
-
-
-def instantiate(components: list[Component]) -> Compose:
-    """Build a MONAI ``Compose`` from component dicts, through MONAI's ConfigParser."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser({"chain": {"_target_": "Compose", "transforms": components}})
-    return parser.get_parsed_content("chain")
-
-
-def inference_preprocessing(pre: PreprocessingConfig, *, with_loader: bool = True) -> Compose:
-    """The bundle's inference preprocessing as a ``Compose`` on ``{"image": ...}``.
-
-    Without the loader the input is a channel-less ``MetaTensor`` of shape (X, Y, Z)
-    carrying its affine, as returned by :func:`spleen_seg.io.nifti.read_volume`.
-    """
-    chain = inference_preprocessing_config(pre)
-    return instantiate(chain if with_loader else chain[1:])
