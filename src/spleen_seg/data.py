@@ -269,24 +269,24 @@ class _RestartError(_TransientError):
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file (weights identity in reports, run records and export caches)."""
+    return _file_digest(path, "sha256")
+
+
+def file_md5(path: str | Path) -> str:
+    """Hex md5 of a file, read in chunks so multi-GB archives need little memory."""
+    return _file_digest(path, "md5")
+
+
+def _file_digest(path: str | Path, algorithm: str) -> str:
     stat = Path(path).stat()
-    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _digest_of(str(Path(path).resolve()), algorithm, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+def _digest_of(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
     # Keyed by size and mtime too: a rewritten file is hashed again.
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_md5(path: Path) -> str:
-    """Hex md5 of a file, read in chunks so multi-GB archives need little memory."""
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()

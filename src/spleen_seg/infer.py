@@ -177,8 +177,7 @@ class Segmenter:
         if self.mirror_xy:
             margin = margin[::-1, ::-1]
         ras_affine = reorientation.affine(geometry.affine_ras)
-        ras_shape = tuple(int(n) for n in reorientation.apply(np.empty(geometry.shape, dtype=np.uint8)).shape)
-        mask_ras = invert_margin(self._to_device(margin), grid_affine, ras_shape, ras_affine)
+        mask_ras = invert_margin(self._to_device(margin), grid_affine, reorientation.ras_shape, ras_affine)
         mask = reorientation.undo(mask_ras)
         mask = np.ascontiguousarray(mask if isinstance(mask, np.ndarray) else mask.cpu().numpy())
         if mask.shape != geometry.shape:

@@ -88,6 +88,11 @@ class Reorientation:
     def undo(self, array):
         return _apply_ornt(array, self.from_ras)
 
+    @property
+    def ras_shape(self) -> tuple[int, ...]:
+        """Shape of the reoriented array (the transpose ``apply`` makes)."""
+        return tuple(int(self.input_shape[i]) for i in np.argsort(self.to_ras[:, 0]))
+
     def affine(self, affine: np.ndarray) -> np.ndarray:
         """The affine of the reoriented array."""
         return affine @ nib.orientations.inv_ornt_aff(self.to_ras, self.input_shape)

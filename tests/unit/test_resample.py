@@ -30,6 +30,7 @@ def test_reorient_and_resample_match_monai(name):
     expected = monai_preprocess(array, affine)
     reorientation = Reorientation.for_affine(affine, shape)
     ras = reorientation.apply(array)
+    assert reorientation.ras_shape == ras.shape
     ras_affine = reorientation.affine(affine)
     out_shape, out_affine = spacing_grid(ras.shape, ras_affine, SPACING)
     assert out_shape == tuple(expected.shape[1:])
