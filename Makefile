@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy src
 
 configs: $(STAMP)
-	$(PY) -m spleen_seg.config configs
+	$(PY) -m spleen_seg.training.bundle configs
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py

@@ -21,7 +21,7 @@ echo "train wall $(( $(date +%s) - start )) s (budget $BUDGET s)" | tee -a "$OUT
 cp /tmp/run/models/model.pt "$OUT/model.pt"
 python3 - <<'PY' | tee -a "$OUT/train_log.txt"
 import time, torch
-from spleen_seg.network import build
+from spleen_seg.pipeline.network import build
 net = build().cuda().eval()
 x = torch.rand(4, 1, 96, 96, 96, device="cuda")
 for name, amp in (("torch fp32", False), ("torch AMP fp16", True)):

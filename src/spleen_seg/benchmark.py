@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spleen_seg.config import RECIPE
 from spleen_seg.errors import SpleenSegError
-
-ROI = (96, 96, 96)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def candidates(device: str) -> list[tuple[str, str]]:
 
 def time_network(runner, repeats: int) -> float:
     """Median milliseconds per 96^3 patch at the runner's preferred batch size."""
-    batch = np.random.default_rng(0).random((runner.batch_size, 1, *ROI), dtype=np.float32)
+    batch = np.random.default_rng(0).random((runner.batch_size, 1, *RECIPE.inference.roi_size), dtype=np.float32)
     runner(batch)  # warm-up: graph compilation, allocator, caches
     times = []
     for _ in range(repeats):
@@ -63,10 +62,10 @@ def time_network(runner, repeats: int) -> float:
 
 
 def run_benchmark(weights: Path, device: str, volume: Path | None, repeats: int) -> list[Row]:
-    from spleen_seg.backends import make_runner
-    from spleen_seg.infer import Segmenter
     from spleen_seg.io.nifti import Geometry, read_volume
-    from spleen_seg.phantom import make_phantom
+    from spleen_seg.pipeline.backends import make_runner
+    from spleen_seg.pipeline.segmenter import Segmenter
+    from spleen_seg.training.phantom import make_phantom
 
     if volume is not None:
         array, geometry = read_volume(volume)

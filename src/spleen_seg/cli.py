@@ -171,9 +171,11 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from spleen_seg.backends import resolve_device_name
-    from spleen_seg.infer import SegmentOptions, collect_inputs, segment_files
-    from spleen_seg.network import default_segment_weights
+    from spleen_seg.batch.case import SegmentOptions
+    from spleen_seg.batch.inputs import collect_inputs
+    from spleen_seg.batch.run import segment_files
+    from spleen_seg.pipeline.backends import resolve_device_name
+    from spleen_seg.pipeline.network import default_segment_weights
 
     weights = default_segment_weights(args.weights)
     device = resolve_device_name(args.device)
@@ -199,7 +201,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spleen_seg.train import train
+    from spleen_seg.training.train import train
 
     overrides = _bundle_overrides(args)
     best = train(args.bundle_root, overrides)
@@ -208,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from spleen_seg.evaluate import evaluate
+    from spleen_seg.training.evaluate import evaluate
 
     overrides = _bundle_overrides(args)
     if args.weights is not None:
@@ -228,12 +230,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "phantom":
-        from spleen_seg.phantom import write_msd_dataset
+        from spleen_seg.training.phantom import write_msd_dataset
 
         out = write_msd_dataset(args.out, args.num_cases, args.seed, n_test=args.num_test, progress=not args.quiet)
         print(f"wrote {args.num_cases} labelled + {args.num_test} test phantoms to {out}")
         return 0
-    from spleen_seg.data import default_data_root, download_msd_spleen
+    from spleen_seg.training.data import default_data_root, download_msd_spleen
 
     dataset = download_msd_spleen(args.root or default_data_root(), progress=not args.quiet)
     print(f"MSD Task09 Spleen ready at {dataset}")
@@ -241,7 +243,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from spleen_seg.network import OFFICIAL_WEIGHTS_MD5, OFFICIAL_WEIGHTS_URL, download_official_weights
+    from spleen_seg.pipeline.network import OFFICIAL_WEIGHTS_MD5, OFFICIAL_WEIGHTS_URL, download_official_weights
 
     path = download_official_weights(args.url or OFFICIAL_WEIGHTS_URL, args.md5 or OFFICIAL_WEIGHTS_MD5,
                                      progress=not args.quiet)
@@ -250,7 +252,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from spleen_seg.export import export_model
+    from spleen_seg.pipeline.export import export_model
 
     dest = export_model(args.weights, args.output, args.format, args.precision)
     print(f"exported {args.format} ({args.precision}) to {dest}")
@@ -258,8 +260,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from spleen_seg.backends import resolve_device_name
     from spleen_seg.benchmark import format_table, run_benchmark
+    from spleen_seg.pipeline.backends import resolve_device_name
 
     device = resolve_device_name(args.device)
     print(format_table(run_benchmark(args.weights, device, args.volume, args.repeats)))

@@ -17,11 +17,11 @@ def run_demo(out_dir: str | Path, *, seed: int, device_name: str, progress: bool
     import nibabel as nib
     import numpy as np
 
-    from spleen_seg.backends import resolve_device_name
-    from spleen_seg.evaluate import dice
-    from spleen_seg.infer import load_segmenter
-    from spleen_seg.network import demo_weights_path
-    from spleen_seg.phantom import make_phantom
+    from spleen_seg.pipeline.backends import resolve_device_name
+    from spleen_seg.pipeline.network import demo_weights_path
+    from spleen_seg.pipeline.segmenter import load_segmenter
+    from spleen_seg.training.evaluate import dice
+    from spleen_seg.training.phantom import make_phantom
 
     start = time.perf_counter()
     device = resolve_device_name(device_name)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_seg.network import demo_weights_path
-from spleen_seg.phantom import make_phantom
+from spleen_seg.pipeline.network import demo_weights_path
+from spleen_seg.training.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from spleen_seg.evaluate import dice
-from spleen_seg.infer import load_segmenter
 from spleen_seg.io.nifti import read_volume
+from spleen_seg.pipeline.segmenter import load_segmenter
+from spleen_seg.training.evaluate import dice
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_seg.evaluate import CSV_COLUMNS
-from spleen_seg.network import build, load_network
+from spleen_seg.pipeline.network import build, load_network
+from spleen_seg.training.evaluate import CSV_COLUMNS
 
 BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run"]
 # torchrun, two processes on this machine; --standalone picks a free rendezvous port.

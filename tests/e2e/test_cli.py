@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_seg.evaluate import dice
-from spleen_seg.network import demo_weights_path
-from spleen_seg.phantom import make_phantom
+from spleen_seg.pipeline.network import demo_weights_path
+from spleen_seg.training.evaluate import dice
+from spleen_seg.training.phantom import make_phantom
 
 CLI = [sys.executable, "-m", "spleen_seg.cli"]
 EXIT_USER_ERROR = 2

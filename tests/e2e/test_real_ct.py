@@ -9,10 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_seg.evaluate import dice
+from spleen_seg.training.evaluate import dice
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 @pytest.fixture(scope="module")

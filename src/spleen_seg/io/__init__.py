@@ -1,1 +1,1 @@
-"""Readers and writers for medical image formats."""
+"""Readers and writers of medical image formats: NIfTI, DICOM series, DICOM SEG, STL; atomic files, downloads."""

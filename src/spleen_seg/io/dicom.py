@@ -1,4 +1,4 @@
-"""DICOM CT series in; DICOM SEG and STL surface out.
+"""DICOM CT series in: find the series in a folder and read one as a volume with its geometry.
 
 ``find_series`` and ``read_series`` are the boundary where DICOM folders enter: a
 series is read only if it is a clean 3D CT volume (one orientation, one pixel grid,
@@ -27,7 +27,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, generate_uid
 
 from spleen_seg.errors import InputImageError
-from spleen_seg.io.atomic import atomic_path
 from spleen_seg.io.nifti import Geometry
 
 logger = logging.getLogger(__name__)
@@ -40,11 +39,6 @@ SPACING_TOLERANCE_MM = 1e-3  # PixelSpacing
 SLICE_GAP_RELATIVE_TOLERANCE = 0.01  # of the slice spacing...
 SLICE_GAP_MIN_TOLERANCE_MM = 0.01  # ...but at least this
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-SEG_SERIES_NUMBER = 901
-SEG_SEGMENT_LABEL = "Spleen"
-SEG_MANUFACTURER = "spleen-seg"
-STL_HEADER = b"spleen-seg surface mesh, DICOM patient coordinates (LPS), millimetres"
-STL_DTYPE = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
 
 
 @dataclass(frozen=True)
@@ -65,15 +59,6 @@ class DicomSeries:
     @property
     def folder(self) -> Path:
         return Path(os.path.commonpath([str(f.parent) for f in self.files])) if self.files else Path()
-
-
-@dataclass(frozen=True)
-class AlgorithmInfo:
-    """What made a segmentation, recorded in the SEG's AlgorithmIdentificationSequence."""
-
-    name: str
-    version: str
-    weights_sha256: str
 
 
 # --- finding series -------------------------------------------------------------------
@@ -378,10 +363,7 @@ def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
     return array, Geometry(shape=shape, affine_ras=affine_ras)
 
 
-# --- writing a DICOM SEG --------------------------------------------------------------
-
-
-def _source_datasets(series: DicomSeries) -> list[Dataset]:
+def series_headers(series: DicomSeries) -> list[Dataset]:
     """Headers of the series in volume order, with UIDs the files lack filled in (derived, deterministic)."""
     datasets, series = _sorted(_load_datasets(series, stop_before_pixels=True), series)
     study_uid = generate_uid(entropy_srcs=["StudyInstanceUID", series.series_uid])
@@ -391,119 +373,3 @@ def _source_datasets(series: DicomSeries) -> list[Dataset]:
         ds.SeriesInstanceUID = series.series_uid
         ds.StudyInstanceUID = _uid(ds, "StudyInstanceUID") or study_uid
     return datasets
-
-
-def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, algorithm: AlgorithmInfo) -> Path:
-    """Write ``mask`` as a DICOM Segmentation (BINARY, one segment "Spleen") of ``series``.
-
-    ``mask`` is 0/1 (uint8 or bool) of shape (X, Y, Z) on the grid ``read_series``
-    returns for ``series``. Each frame overlays one source slice and references it
-    (ReferencedSOPInstanceUID, plus its ImagePositionPatient); slices where the mask is
-    empty are omitted, except that an all-empty mask keeps every frame so the SEG stays
-    valid. Study, patient and frame of reference are taken from the source images.
-    Written atomically; returns ``dest``.
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    mask = np.asarray(mask)
-    datasets = _source_datasets(series)
-    expected = (int(datasets[0].Columns), int(datasets[0].Rows), len(datasets))
-    if mask.shape != expected:
-        raise ValueError(f"mask shape {mask.shape} differs from the grid (columns, rows, slices) {expected} of {_where(series)}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError("mask must hold only 0 and 1")
-    frames = np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0))  # (slices, rows, columns)
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=SEG_SEGMENT_LABEL,
-        segmented_property_category=codes.SCT.AnatomicalStructure,
-        segmented_property_type=codes.SCT.Spleen,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=algorithm.name,
-            family=codes.DCM.ArtificialIntelligence,
-            version=algorithm.version,
-            parameters={"weights_sha256": algorithm.weights_sha256},
-        ),
-    )
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=generate_uid(),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=SEG_MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        # The weights identify the "device" that made the segmentation.
-        device_serial_number=algorithm.weights_sha256[:16] or "unknown",
-        series_description=f"{SEG_SEGMENT_LABEL} segmentation ({algorithm.name} {algorithm.version})",
-        omit_empty_frames=bool(frames.any()),
-    )
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        seg.save_as(tmp)
-    return dest
-
-
-# --- writing an STL surface -----------------------------------------------------------
-
-
-def _mesh_lps(mask: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) in LPS mm and outward-wound faces (F, 3) of the mask's 0.5 iso-surface."""
-    from skimage.measure import marching_cubes
-
-    nonzero = np.nonzero(mask)
-    low = [int(axis.min()) for axis in nonzero]
-    high = [int(axis.max()) + 1 for axis in nonzero]
-    crop = mask[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
-    # A zero border closes the surface where the mask touches the crop's edge.
-    padded = np.pad(crop.astype(np.float32), 1)
-    vertices, faces, _, _ = marching_cubes(padded, level=0.5)
-    voxel = vertices.astype(np.float64) - 1.0 + np.asarray(low, dtype=np.float64)
-    ras = voxel @ affine_ras[:3, :3].T + affine_ras[:3, 3]
-    lps = ras * np.array([-1.0, -1.0, 1.0])
-    # Orientation flips with the affine's handedness: wind so the signed volume is positive.
-    if _signed_volume(lps[faces]) < 0:
-        faces = faces[:, ::-1]
-    return lps, np.ascontiguousarray(faces)
-
-
-def _signed_volume(triangles: np.ndarray) -> float:
-    """Volume enclosed by a closed mesh given as (F, 3 vertices, 3 coordinates); positive if wound outward."""
-    return float(np.einsum("ij,ij->i", triangles[:, 0], np.cross(triangles[:, 1], triangles[:, 2])).sum() / 6.0)
-
-
-def write_stl(mask: np.ndarray, affine_ras: np.ndarray, dest: str | Path) -> Path:
-    """Write the surface of ``mask`` as a binary STL file.
-
-    ``mask`` is (X, Y, Z), non-zero inside, on the grid of ``affine_ras`` (voxel
-    (i, j, k, 1) -> RAS+ mm). The mesh is the marching-cubes 0.5 iso-surface, closed at
-    the volume border, with vertices in DICOM patient coordinates (LPS) in millimetres,
-    i.e. RAS with x and y negated, as 3D Slicer and most DICOM tools expect.
-    Triangles are wound counter-clockwise seen from outside, normals point outward.
-    Raises ``ValueError`` for an empty mask (there is no surface). Written atomically.
-    """
-    mask = np.asarray(mask) != 0
-    if mask.ndim != 3:
-        raise ValueError(f"mask must be 3D (X, Y, Z), got shape {mask.shape}")
-    if not mask.any():
-        raise ValueError("mask is empty: there is no surface to write")
-    vertices, faces = _mesh_lps(mask, np.asarray(affine_ras, dtype=np.float64))
-    triangles = vertices[faces]
-    normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
-    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
-    normals = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
-    records = np.zeros(len(faces), dtype=STL_DTYPE)
-    records["normal"] = normals
-    records["vertices"] = triangles
-    dest = Path(dest)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
-        handle.write(STL_HEADER.ljust(80, b" ")[:80])
-        handle.write(np.uint32(len(faces)).tobytes())
-        handle.write(records.tobytes())
-    return dest

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from spleen_seg.batch.summary import SummaryRow, write_summary
 from spleen_seg.errors import InputImageError
 from spleen_seg.io.nifti import Geometry, read_volume
-from spleen_seg.report import (
+from spleen_seg.outputs.report import (
     SPLENOMEGALY_THRESHOLD_ML,
-    SummaryRow,
     anatomical_check,
     build_report,
     check_intensity,
@@ -21,7 +21,6 @@ from spleen_seg.report import (
     intensity_warning,
     keep_components,
     touches_border,
-    write_summary,
 )
 
 SPACING = (2.0, 1.5, 3.0)

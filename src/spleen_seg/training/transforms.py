@@ -3,7 +3,7 @@
 The transform chains are written once, as MONAI bundle component dicts
 (``{"_target_": "Spacingd", ...}``) that the generated bundle JSON embeds, so train,
 evaluate and the bundle's inference run one definition. ``spleen-seg segment``
-computes the same inference preprocessing without MONAI (``resample.py``, tested
+computes the same inference preprocessing without MONAI (``pipeline/resample.py``, tested
 against these transforms), reading its values from the same ``PreprocessingConfig``.
 """
 
@@ -87,7 +87,7 @@ def training_deterministic_config(pre: PreprocessingConfig, roi_size: tuple[int,
     keys = ["image", "label"]
     return [
         {"_target_": "LoadImaged", "keys": keys},
-        {"_target_": "spleen_seg.transforms.FixMSDOrientationd", "keys": keys, "enabled": "@fix_msd_orientation"},
+        {"_target_": "spleen_seg.training.transforms.FixMSDOrientationd", "keys": keys, "enabled": "@fix_msd_orientation"},
         *_geometry(keys, pre, ["bilinear", "nearest"]),
         intensity_config(pre),
         # Drop the air around the body: after windowing, air and fat are 0.

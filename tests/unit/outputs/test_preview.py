@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import image as mpimg
 
-from spleen_seg.preview import write_preview
+from spleen_seg.outputs.preview import write_preview
 
 SHAPE = (48, 40, 24)
 

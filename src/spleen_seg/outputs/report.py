@@ -1,4 +1,4 @@
-"""Measurements of a spleen mask and the per-input ``report.json`` / batch ``summary.csv``.
+"""Measurements of a spleen mask and the per-input ``report.json``.
 
 World coordinates follow nibabel's RAS+ convention: +x towards the patient's Right,
 +y Anterior, +z Superior. So the patient's left is the smaller x and posterior the
@@ -8,8 +8,6 @@ same anatomy stored LPS or RAS gives the same numbers.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,6 @@ from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.io.nifti import Geometry
 
 REPORT_FILENAME = "report.json"
-SUMMARY_FILENAME = "summary.csv"
 REPORT_VERSION = 1
 
 # 26-connectivity: voxels touching by a face, edge or corner belong to one component.
@@ -51,8 +48,6 @@ FLAG_SPLENOMEGALY = "splenomegaly"
 FLAG_TOUCHES_BORDER = "touches_border"
 FLAG_HEADER_FLIP = "probable_header_flip"
 FLAG_NON_CT = "non_ct_intensity"
-SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
-                   "extent_superior_inferior_mm", "flags", "error")
 
 
 @dataclass(frozen=True)
@@ -277,33 +272,4 @@ def build_report(case: str, source: str, mask: np.ndarray, image_hu: np.ndarray,
 
 def write_report(report: CaseReport, dest: Path) -> Path:
     atomic_write_text(dest, report.to_json())
-    return dest
-
-
-@dataclass(frozen=True)
-class SummaryRow:
-    """One ``summary.csv`` line: status is ok, not_found (empty mask) or failed."""
-
-    case: str
-    source: str
-    status: str
-    report: CaseReport | None = None
-    error: str = ""
-
-    def values(self) -> list[str]:
-        extents = self.report.extents_mm if self.report is not None else None
-        volume = f"{self.report.volume_ml:.3f}" if self.report is not None else ""
-        flags = ";".join(self.report.flags) if self.report is not None else ""
-        spans = [f"{extents[name]:.2f}" if extents else "" for name in AXIS_NAMES]
-        return [self.case, self.source, self.status, volume, *spans, flags, self.error]
-
-
-def write_summary(rows: list[SummaryRow], dest: Path) -> Path:
-    """Write ``summary.csv``: a header and one row per input, in input order."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SUMMARY_COLUMNS)
-    for row in rows:
-        writer.writerow(row.values())
-    atomic_write_text(dest, buffer.getvalue())
     return dest

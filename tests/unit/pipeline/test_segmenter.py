@@ -1,12 +1,12 @@
-import nibabel as nib
+"""The segmenter with a threshold network: identity on the native grid, volume kept, CPU tensors equal numpy."""
+
 import numpy as np
 import pytest
 import torch
 
-from spleen_seg.backends import Runner
-from spleen_seg.errors import InputImageError
-from spleen_seg.infer import Segmenter, collect_inputs, segment_files
 from spleen_seg.io.nifti import Geometry
+from spleen_seg.pipeline.backends import Runner
+from spleen_seg.pipeline.segmenter import Segmenter
 
 # HU window -57..164 maps to 0..1; a threshold network marks voxels above 0.5 (53.5 HU).
 THRESHOLD = 0.5
@@ -46,32 +46,6 @@ def test_resampled_grid_keeps_volume(segmenter):
     # Down- then up-sampling blurs the edge by a fraction of a 1.5-2 mm voxel: a few % of volume.
     assert abs(int(mask.sum()) - int(truth.sum())) / truth.sum() < 0.06
     assert np.logical_and(mask, truth).sum() * 2 / (mask.sum() + truth.sum()) > 0.97
-
-
-def test_collect_inputs_expands_folders(tmp_path):
-    for name in ("b.nii.gz", "a.nii", "._a.nii.gz", "notes.txt"):
-        (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in collect_inputs([tmp_path])] == ["a.nii", "b.nii.gz"]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InputImageError, match="no .nii"):
-        collect_inputs([tmp_path / "empty"])
-
-
-def test_batch_continues_after_a_bad_input(tmp_path):
-    image, truth, affine = sphere_volume((40, 36, 30), (1.5, 1.5, 2.0))
-    good = tmp_path / "good.nii.gz"
-    nib.save(nib.Nifti1Image(image, affine), str(good))
-    bad = tmp_path / "bad.nii.gz"
-    bad.write_bytes(b"garbage")
-    weights = tmp_path / "w.pt"
-    from spleen_seg.network import build
-
-    torch.save(build().state_dict(), weights)
-    results = segment_files([bad, good], tmp_path / "out", weights, "cpu", backend="torch", progress=False)
-    assert results[0].error is not None and str(bad) in results[0].error
-    assert results[1].error is None and results[1].output.exists()
-    assert not (tmp_path / "out" / "bad").exists()
-    assert nib.load(str(results[1].output)).shape == image.shape
 
 
 def test_torch_device_path_equals_numpy_path(monkeypatch):

@@ -82,7 +82,7 @@ def run_workflow(bundle_root: str | Path, config_names: list[str], overrides: di
     """
     from monai.bundle import ConfigWorkflow
 
-    from spleen_seg.config import write_bundle_configs
+    from spleen_seg.training.bundle import write_bundle_configs
 
     root = Path(bundle_root).resolve()
     config_dir = write_bundle_configs(root / "configs")
@@ -111,7 +111,7 @@ def train(bundle_root: str | Path, overrides: dict[str, Any]) -> float:
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     if overrides.get("fix_msd_orientation"):
         from spleen_seg.io.atomic import atomic_write_text
-        from spleen_seg.network import CONVENTION_TRUE, SIDECAR_KEY, sidecar_path
+        from spleen_seg.pipeline.network import CONVENTION_TRUE, SIDECAR_KEY, sidecar_path
 
         weights = Path(bundle_root).resolve() / "models" / "model.pt"
         atomic_write_text(sidecar_path(weights), json.dumps({SIDECAR_KEY: CONVENTION_TRUE}) + "\n")

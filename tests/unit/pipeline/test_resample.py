@@ -6,7 +6,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from spleen_seg.resample import Reorientation, index_box, resample_linear, spacing_grid
+from spleen_seg.pipeline.resample import Reorientation, index_box, resample_linear, spacing_grid
 
 SPACING = (1.5, 1.5, 2.0)
 GEOMETRIES = {

@@ -112,7 +112,7 @@ class CaseMetricsWriter:
 
 def evaluate(bundle_root: str | Path, overrides: dict[str, Any]) -> float:
     """Run ``train.json`` + ``evaluate.json``; returns the mean Dice on the validation split."""
-    from spleen_seg.train import run_workflow
+    from spleen_seg.training.train import run_workflow
 
     workflow = run_workflow(bundle_root, ["train.json", "evaluate.json"], overrides)
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")

@@ -7,7 +7,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
-from spleen_seg.windows import covering_starts, spleen_margin, window_starts
+from spleen_seg.pipeline.windows import covering_starts, spleen_margin, window_starts
 
 ROI = (16, 16, 16)
 

@@ -153,14 +153,14 @@ def download_official_weights(
     """Download the official bundle weights into :func:`weights_cache_dir` and verify the md5.
 
     Resumes a partial download, retries dropped connections and never leaves a partial or
-    corrupt file under the final name (see ``spleen_seg.data.download_file``). A cached
+    corrupt file under the final name (see ``spleen_seg.io.download.download_file``). A cached
     file with the right md5 is returned without network access.
 
     Raises:
         ConfigError: malformed URL or md5.
         DownloadError: HTTP error, retries exhausted or checksum mismatch.
     """
-    from spleen_seg.data import download_file
+    from spleen_seg.io.download import download_file
 
     return download_file(url, official_weights_path(), md5, progress=progress)
 
@@ -183,7 +183,7 @@ def weights_orientation_convention(weights: str | Path, override: str | None = N
     """
     import json
 
-    from spleen_seg.data import file_md5
+    from spleen_seg.io.download import file_md5
 
     if override is not None:
         if override not in ORIENTATION_CONVENTIONS:

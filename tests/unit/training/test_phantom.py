@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spleen_seg.errors import ConfigError
-from spleen_seg.phantom import ORIENTATIONS, PhantomCase, make_phantom, write_msd_dataset
+from spleen_seg.training.phantom import ORIENTATIONS, PhantomCase, make_phantom, write_msd_dataset
 
 # A fixed, smallish geometry keeps orientation comparisons fast and exact.
 SMALL_SHAPE = (160, 160, 64)
@@ -183,7 +183,7 @@ def test_write_msd_dataset_layout_and_roundtrip(tmp_path: Path) -> None:
 
 
 def test_written_file_matches_make_phantom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spleen_seg.phantom as phantom
+    import spleen_seg.training.phantom as phantom
 
     made: list[PhantomCase] = []
 

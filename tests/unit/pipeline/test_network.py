@@ -3,7 +3,7 @@ import torch
 from monai.networks.nets import UNet
 
 from spleen_seg.errors import ConfigError, WeightsError
-from spleen_seg.network import build, is_torchscript, load_network, resolve_device, save_fp16_state_dict
+from spleen_seg.pipeline.network import build, is_torchscript, load_network, resolve_device, save_fp16_state_dict
 
 
 def reference_unet() -> torch.nn.Module:

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_seg.backends import cached_export, make_runner, margin_module, resolve_backend
 from spleen_seg.errors import ConfigError
-from spleen_seg.export import export_model
-from spleen_seg.network import build, load_network
+from spleen_seg.pipeline.backends import cached_export, make_runner, resolve_backend
+from spleen_seg.pipeline.export import export_model, margin_module
+from spleen_seg.pipeline.network import build, load_network
 
 
 @pytest.fixture(scope="module")

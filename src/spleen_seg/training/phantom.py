@@ -623,7 +623,7 @@ def write_msd_dataset(out_dir: str | Path, n_cases: int, seed: int, *, n_test: i
             _save_atomic(case.image_hu, root / "imagesTs" / name, case.affine)
             test.append(f"./imagesTs/{name}")
     _save_atomic({
-        "name": "Spleen", "description": f"Synthetic spleen CT phantoms (spleen_seg.phantom, seed {seed})",
+        "name": "Spleen", "description": f"Synthetic spleen CT phantoms (spleen_seg.training.phantom, seed {seed})",
         "reference": "spleen_seg synthetic phantom generator", "licence": "CC-BY-SA 4.0", "release": "1.0",
         "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
         "numTraining": n_cases, "numTest": n_test, "training": training, "test": test}, root / "dataset.json")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from http_server import serve
 
-from spleen_seg import network
 from spleen_seg.cli import main
 from spleen_seg.errors import ConfigError, DownloadError
-from spleen_seg.network import (
+from spleen_seg.pipeline import network
+from spleen_seg.pipeline.network import (
     OFFICIAL_WEIGHTS_FILENAME,
     build,
     download_official_weights,
@@ -24,9 +24,6 @@ from spleen_seg.network import (
     weights_cache_dir,
     weights_orientation_convention,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_server import serve  # noqa: E402
 
 SERVED_NAME = "model_spleen_ct_segmentation_v1.pt"
 
@@ -74,7 +71,7 @@ def test_wrong_checksum_leaves_no_file(cache, state_bytes):
 
 
 def test_dropped_connection_is_resumed(cache, state_bytes, monkeypatch):
-    monkeypatch.setattr("spleen_seg.data.RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr("spleen_seg.io.download.RETRY_BACKOFF_S", 0.0)
     with serve({SERVED_NAME: state_bytes}, drop_after=len(state_bytes) // 3) as server:
         path = download_official_weights(server.url_for(SERVED_NAME), md5(state_bytes), progress=False)
         ranges = [r.range_header for r in server.requests]
@@ -122,7 +119,7 @@ def test_orientation_convention(tmp_path, state_bytes, monkeypatch):
 
 
 def _small_ct(tmp_path) -> Path:
-    from spleen_seg.phantom import make_phantom
+    from spleen_seg.training.phantom import make_phantom
 
     case = make_phantom(3, shape=(64, 64, 24), spacing_mm=(3.0, 3.0, 6.0), orientation="RAS")
     path = tmp_path / "small.nii.gz"

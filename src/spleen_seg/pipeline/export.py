@@ -1,7 +1,7 @@
 """Export the network: TorchScript, ONNX, OpenVINO IR, TensorRT engines.
 
 All exports except TorchScript wrap the UNet as the spleen-margin model
-(``backends.margin_module``: logits[:, 1] - logits[:, 0]); TorchScript exports the
+(``margin_module``: logits[:, 1] - logits[:, 0]); TorchScript exports the
 bundle's plain 2-channel network so ``model.ts`` drops into the MONAI bundle as the
 official one does. Every file is written atomically.
 """
@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from spleen_seg.config import RECIPE
 from spleen_seg.errors import ConfigError
 from spleen_seg.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript", "openvino", "tensorrt")
+ONNX_OPSET = 17
 TRT_WORKSPACE_BYTES = 4 << 30
 TRT_MAX_BATCH = 4
 
@@ -27,16 +29,32 @@ TRT_MAX_BATCH = 4
 def _example_input():
     import torch
 
-    from spleen_seg.backends import ROI
+    return torch.zeros(1, 1, *RECIPE.inference.roi_size)
 
-    return torch.zeros(1, 1, *ROI)
+
+def margin_module(weights: Path, device: str):
+    """The bundle UNet wrapped to output the spleen margin (torch module, eval mode)."""
+    import torch
+
+    from spleen_seg.pipeline.network import load_network
+
+    network = load_network(weights, torch.device(device))
+
+    class SpleenMargin(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.net(x)
+            return logits[:, 1:2] - logits[:, 0:1]
+
+    return SpleenMargin(network).eval()
 
 
 def export_onnx(weights: Path, dest: Path) -> Path:
     """ONNX graph of the margin model, dynamic batch, fp32."""
     import torch
-
-    from spleen_seg.backends import ONNX_OPSET, margin_module
 
     module = margin_module(weights, "cpu")
     with atomic_path(dest) as tmp, torch.inference_mode():
@@ -66,7 +84,7 @@ def export_torchscript(weights: Path, dest: Path) -> Path:
     """TorchScript of the bundle's 2-channel UNet (the bundle's ``models/model.ts``)."""
     import torch
 
-    from spleen_seg.network import load_network
+    from spleen_seg.pipeline.network import load_network
 
     network = load_network(weights, torch.device("cpu"))
     with atomic_path(dest) as tmp:
@@ -77,8 +95,6 @@ def export_torchscript(weights: Path, dest: Path) -> Path:
 def export_torchscript_margin(weights: Path, dest: Path) -> Path:
     """Traced TorchScript of the margin model: the torch backend's cached form."""
     import torch
-
-    from spleen_seg.backends import margin_module
 
     module = margin_module(weights, "cpu")
     with atomic_path(dest) as tmp, torch.inference_mode():
@@ -92,8 +108,7 @@ def export_tensorrt(weights: Path, dest: Path, precision: str) -> Path:
         import tensorrt as trt
     except ImportError as err:
         raise ConfigError("TensorRT export needs the 'tensorrt' package and a CUDA GPU (pip install tensorrt)") from err
-    from spleen_seg.backends import ROI
-
+    roi = RECIPE.inference.roi_size
     onnx_path = dest.with_suffix(".onnx")
     if not onnx_path.exists():
         export_onnx(weights, onnx_path)
@@ -108,7 +123,7 @@ def export_tensorrt(weights: Path, dest: Path, precision: str) -> Path:
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    profile.set_shape("image", (1, 1, *ROI), (TRT_MAX_BATCH, 1, *ROI), (TRT_MAX_BATCH, 1, *ROI))
+    profile.set_shape("image", (1, 1, *roi), (TRT_MAX_BATCH, 1, *roi), (TRT_MAX_BATCH, 1, *roi))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from spleen_seg.config import CONFIG_FILES, LOGGING_CONF, RECIPE, bundle_configs, render_json
+from spleen_seg.config import RECIPE
+from spleen_seg.training.bundle import CONFIG_FILES, LOGGING_CONF, bundle_configs, render_json
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -51,7 +52,7 @@ def test_msd_header_fix_mirrors_world_x_and_y_only_when_enabled():
     import torch
     from monai.data import MetaTensor
 
-    from spleen_seg.transforms import FixMSDOrientationd
+    from spleen_seg.training.transforms import FixMSDOrientationd
 
     affine = torch.tensor([[1.5, 0, 0, -200.0], [0, 1.5, 0, -180.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]], dtype=torch.float64)
     data = {"image": MetaTensor(torch.zeros(1, 4, 4, 4), affine=affine.clone()),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spleen_seg.config import RECIPE
 from spleen_seg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 CACHE_ENV = "SPLEEN_SEG_CACHE"
-ROI = (96, 96, 96)
-ONNX_OPSET = 17
 TORCH_BATCH = 4  # the bundle's sw_batch_size
 OPENVINO_BATCH = 1  # LATENCY hint; 2 windows a call measured no faster on 2 cores
 
@@ -44,7 +43,7 @@ def resolve_device_name(name: str) -> str:
 
     if name == "cpu" or (name == "auto" and not Path("/proc/driver/nvidia").exists() and not shutil.which("nvidia-smi")):
         return "cpu"
-    from spleen_seg.network import resolve_device
+    from spleen_seg.pipeline.network import resolve_device
 
     return str(resolve_device(name))
 
@@ -81,34 +80,14 @@ class Runner:
         return self.predict(batch)
 
 
-def margin_module(weights: Path, device: str):
-    """The bundle UNet wrapped to output the spleen margin (torch module, eval mode)."""
-    import torch
-
-    from spleen_seg.network import load_network
-
-    network = load_network(weights, torch.device(device))
-
-    class SpleenMargin(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = self.net(x)
-            return logits[:, 1:2] - logits[:, 0:1]
-
-    return SpleenMargin(network).eval()
-
-
 def cached_export(weights: Path, fmt: str, precision: str = "fp32") -> Path:
     """Path of the exported model for these weights, exporting it on first use."""
-    from spleen_seg.data import file_sha256
+    from spleen_seg.io.download import file_sha256
 
     suffix = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".engine", "torchscript_margin": ".ts"}[fmt]
     dest = model_cache_dir() / f"spleen_margin_{file_sha256(weights)[:16]}_{precision}{suffix}"
     if not dest.exists():
-        from spleen_seg.export import export_model
+        from spleen_seg.pipeline.export import export_model
 
         logger.info("exporting %s model for %s (first use of these weights)", fmt, weights)
         export_model(weights, dest, fmt, precision)
@@ -149,7 +128,7 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
     # OpenVINO's own cache of compiled blobs makes later compilations an import.
     core.set_property({"CACHE_DIR": str(xml.parent / "openvino_compiled")})
     model = core.read_model(str(xml))
-    model.reshape([OPENVINO_BATCH, 1, *ROI])
+    model.reshape([OPENVINO_BATCH, 1, *RECIPE.inference.roi_size])
     # f32 inference precision: OpenVINO may otherwise pick bf16 where the CPU has it.
     compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
@@ -164,7 +143,7 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
 
 
 def _tensorrt_runner(weights: Path, device: str, precision: str) -> Runner:
-    from spleen_seg.export import load_tensorrt_engine
+    from spleen_seg.pipeline.export import load_tensorrt_engine
 
     if not device.startswith("cuda"):
         raise ConfigError("backend tensorrt needs --device cuda")

@@ -1,0 +1,194 @@
+"""One case of a batch: read, segment, measure and write its folder atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spleen_seg import __version__
+from spleen_seg.batch.inputs import InputItem, input_case_id, input_source, load_input
+from spleen_seg.config import RECIPE
+from spleen_seg.errors import SpleenSegError
+from spleen_seg.io.atomic import atomic_write_text
+from spleen_seg.io.nifti import Geometry, write_mask
+from spleen_seg.pipeline.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from spleen_seg.outputs.report import CaseReport
+
+MASK_FILENAME = "spleen.nii.gz"
+RUN_INFO_FILENAME = "run_info.json"
+SEG_FILENAME = "spleen_seg.dcm"
+STL_FILENAME = "spleen.stl"
+ALGORITHM_NAME = "spleen-seg"
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What ``segment`` writes and checks besides the NIfTI mask."""
+
+    largest_component: bool = False
+    strict: bool = False
+    stl: bool = False
+    preview: bool = True
+    all_windows: bool = False
+    precision: str = "fp32"
+    # None: decide from the weights (see network.weights_orientation_convention).
+    weights_convention: str | None = None
+
+
+@dataclass
+class CaseResult:
+    source: Path
+    output: Path | None = None
+    error: str | None = None
+    spleen_ml: float = 0.0
+    seconds: float = 0.0
+    case: str = ""
+    # ok, not_found (segmented, empty mask) or failed.
+    status: str = "ok"
+    report: CaseReport | None = None
+
+
+def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inputs: list[InputItem],
+                   orientation_convention: str | None = None) -> None:
+    """Record how the outputs were made: versions, weights checksum, convention, recipe, inputs."""
+    from dataclasses import asdict
+    from importlib.metadata import PackageNotFoundError, version
+
+    from spleen_seg.io.download import file_sha256
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    info = {
+        "spleen_seg_version": __version__,
+        "versions": {p: installed(p) for p in ("monai", "torch", "openvino", "onnxruntime", "nibabel", "numpy")},
+        "python": platform.python_version(),
+        "command": sys.argv,
+        "weights": str(weights),
+        "weights_sha256": file_sha256(weights),
+        "orientation_convention": orientation_convention,
+        "device": device,
+        "backend": backend,
+        "recipe": asdict(RECIPE),
+        "inputs": [str(p) if isinstance(p, Path) else f"{p.folder} (series {p.series_uid})" for p in inputs],
+    }
+    atomic_write_text(out_dir / RUN_INFO_FILENAME, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case: str | None = None,
+                options: SegmentOptions | None = None, model: dict[str, Any] | None = None,
+                prefetched: Future | None = None) -> CaseResult:
+    """Read, segment and write one input into ``out_dir/<case>/``; user errors become ``CaseResult.error``.
+
+    Writes ``spleen.nii.gz``, ``report.json`` and ``preview.png``; for a DICOM series also
+    ``spleen_seg.dcm``; with ``options.stl`` also ``spleen.stl`` (not for an empty mask).
+    The files are written into a hidden temporary folder renamed to ``<case>`` at the end,
+    so a failure or a kill leaves no partial case folder. ``prefetched`` is a future of
+    :func:`load_input` already reading this input (batch mode overlaps reading and compute).
+    """
+    from spleen_seg.outputs.report import REPORT_FILENAME, build_report, check_intensity, keep_components, write_report
+
+    options = options or SegmentOptions()
+    case = case or input_case_id(source)
+    path = input_source(source)
+    case_dir = out_dir / case
+    work_dir = out_dir / f".{case}.partial-{os.getpid()}"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    start = clock
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 4)
+        clock = now
+
+    try:
+        array, geometry = prefetched.result() if prefetched is not None else load_input(source)
+        warnings = check_intensity(array, str(path), options.strict)
+        lap("read")
+        raw_mask = segmenter.predict(array, geometry, path)
+        lap("segment")
+        components = keep_components(raw_mask, options.largest_component)
+        mask = components.mask
+        report = build_report(case, str(path), mask, array, geometry, components, warnings)
+        report.model = dict(model or {})
+        lap("measure")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        outputs = _write_outputs(mask, array, geometry, source, work_dir, report, options, lap)
+        report.outputs = {name: str(case_dir / dest.name) for name, dest in outputs.items()}
+        report.timings_s = {**timings, "total": round(time.perf_counter() - start, 4)}
+        write_report(report, work_dir / REPORT_FILENAME)
+        _publish(work_dir, case_dir)
+    except SpleenSegError as err:
+        return CaseResult(source=path, error=str(err), case=case, status="failed")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return CaseResult(source=path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
+                      seconds=time.perf_counter() - start, case=case,
+                      status="ok" if report.spleen_found else "not_found", report=report)
+
+
+def _publish(work_dir: Path, case_dir: Path) -> None:
+    """Replace ``case_dir`` by the finished ``work_dir`` (an earlier run's folder is removed)."""
+    if case_dir.exists():
+        stale = case_dir.with_name(f".{case_dir.name}.old-{os.getpid()}")
+        os.replace(case_dir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(work_dir, case_dir)
+
+
+def warm_output_imports() -> None:
+    """Import the output writers' libraries while the network runs (its runtime releases the GIL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+
+
+def _write_outputs(mask: np.ndarray, image: np.ndarray, geometry: Geometry, source: InputItem, case_dir: Path,
+                   report: CaseReport, options: SegmentOptions, lap) -> dict[str, Path]:
+    """Write the mask files and preview of one case; ``lap(stage)`` records each stage's time."""
+    outputs = {"mask": write_mask(mask, geometry, case_dir / MASK_FILENAME)}
+    lap("write_nifti")
+    if not isinstance(source, Path):
+        from spleen_seg.io.seg import AlgorithmInfo, write_dicom_seg
+
+        algorithm = AlgorithmInfo(name=ALGORITHM_NAME, version=__version__,
+                                  weights_sha256=str(report.model.get("weights_sha256", "")))
+        outputs["dicom_seg"] = write_dicom_seg(mask, source, case_dir / SEG_FILENAME, algorithm)
+        lap("write_dicom_seg")
+    if options.stl:
+        if report.spleen_found:
+            from spleen_seg.io.stl import write_stl
+
+            outputs["stl"] = write_stl(mask, geometry.affine_ras, case_dir / STL_FILENAME)
+            lap("write_stl")
+        else:
+            report.warnings.append("no STL written: the mask is empty")
+    if options.preview:
+        from spleen_seg.outputs.preview import PREVIEW_FILENAME, write_preview
+
+        title = (f"{report.case}: spleen {report.volume_ml:.1f} mL" if report.spleen_found
+                 else f"{report.case}: spleen not found")
+        outputs["preview"] = write_preview(image, mask, geometry.affine_ras, case_dir / PREVIEW_FILENAME, title)
+        lap("preview")
+    return outputs
+
+

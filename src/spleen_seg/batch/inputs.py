@@ -1,0 +1,95 @@
+"""Batch inputs: NIfTI files, folders of them and DICOM folders expanded into cases with ids."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from spleen_seg.errors import InputImageError
+from spleen_seg.io.nifti import Geometry, case_id, is_nifti, read_volume
+
+if TYPE_CHECKING:
+    from spleen_seg.io.dicom import DicomSeries
+
+# A NIfTI file or one DICOM CT series.
+InputItem = Union[Path, "DicomSeries"]
+
+logger = logging.getLogger(__name__)
+# Case folder names keep letters, digits, '.', '_' and '-'; a DICOM series adds its number or this much UID.
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+SHORT_UID_CHARS = 8
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[InputItem]:
+    """Expand folders into the NIfTI files they hold (sorted); keep files as given.
+
+    A folder holding DICOM files becomes one input per CT series in it (searched
+    recursively); non-CT series are skipped with a logged message. Missing paths are
+    kept so that the batch reports them as failures one by one.
+    """
+    found: list[InputItem] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            from spleen_seg.io.dicom import find_series, is_dicom_folder
+
+            if is_dicom_folder(item):
+                series, skipped = find_series(item)
+                for message in skipped:
+                    logger.warning("%s: %s", item, message)
+                found.extend(series)
+                continue
+            files = sorted(p for p in item.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+            if not files:
+                raise InputImageError(f"{item}: folder holds no .nii or .nii.gz files")
+            found.extend(files)
+        else:
+            found.append(item)
+    return found
+
+
+def _safe_name(text: str) -> str:
+    return UNSAFE_NAME_CHARS.sub("_", text).strip("._") or "case"
+
+
+def input_source(item: InputItem) -> Path:
+    """The path an input came from: the NIfTI file, or the DICOM series' folder."""
+    return item if isinstance(item, Path) else item.folder
+
+
+def input_case_id(item: InputItem) -> str:
+    """Output folder name: NIfTI file name without extension; DICOM folder name + series number (or short UID)."""
+    if isinstance(item, Path):
+        return case_id(item)
+    import pydicom
+
+    header = pydicom.dcmread(item.files[0], stop_before_pixels=True, specific_tags=["SeriesNumber"])
+    number = header.get("SeriesNumber")
+    suffix = f"s{number}" if number not in (None, "") else item.series_uid.replace(".", "")[-SHORT_UID_CHARS:]
+    return _safe_name(f"{item.folder.name}_{suffix}")
+
+
+def unique_case_ids(items: list[InputItem]) -> list[str]:
+    """:func:`input_case_id` for each input, with ``_2``, ``_3``... appended to repeats."""
+    ids: list[str] = []
+    for item in items:
+        base = input_case_id(item)
+        name, count = base, 1
+        while name in ids:
+            count += 1
+            name = f"{base}_{count}"
+        ids.append(name)
+    return ids
+
+
+
+def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
+    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series."""
+    if isinstance(source, Path):
+        return read_volume(source)
+    from spleen_seg.io.dicom import read_series
+
+    return read_series(source)

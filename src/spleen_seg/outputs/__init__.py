@@ -1,0 +1,1 @@
+"""What a case writes beside its mask: the report and the preview."""

@@ -1,0 +1,155 @@
+"""The reference bundle's inference pipeline as a library call: one volume in, one mask out.
+
+``Segmenter`` computes what the bundle's ``inference.json`` computes (see its docstring
+for the exact savings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spleen_seg.config import RECIPE, Recipe
+from spleen_seg.io.nifti import Geometry
+from spleen_seg.pipeline.backends import Runner, make_runner
+from spleen_seg.pipeline.resample import Reorientation, index_box, resample_linear, spacing_grid
+from spleen_seg.pipeline.windows import WindowStats, spleen_margin
+
+
+@dataclass
+class Segmenter:
+    """The bundle's inference on one volume, computed on a numpy fast path.
+
+    Steps, each equal to the bundle's (see ``resample`` and ``windows``): reorient to
+    RAS, resample to 1.5 x 1.5 x 2.0 mm (trilinear), window HU -57..164 to 0..1, sliding
+    window 96^3 at overlap 0.5, softmax, invert to the input grid (trilinear), argmax.
+    Exact savings: the network returns only the margin ``logit1 - logit0`` (argmax over
+    two channels is its sign); inversion interpolates ``p1 - p0 = tanh(margin / 2)``
+    (linear, so equal to inverting both channels) and only around the predicted spleen;
+    windows far from any spleen candidate are skipped (``windows.spleen_margin``).
+    """
+
+    runner: Runner
+    recipe: Recipe = RECIPE
+    # Weights trained on MSD Task09 as shipped learned mirrored anatomy: its voxels are
+    # stored LPS while the headers claim RAS (model-zoo issue #766). For such weights the
+    # RAS-oriented input is mirrored left-right and front-back before the network, and
+    # the prediction mirrored back, so the network sees anatomy as it did in training.
+    mirror_xy: bool = False
+    progress: bool = True
+    # None computes every sliding window (MONAI's average everywhere; see windows.py).
+    focus_radius: int | None = RECIPE.inference.focus_radius
+    # On "cuda..." the resampling, windowing and inversion run on the GPU (torch tensors).
+    device: str = "cpu"
+    last_windows: WindowStats | None = field(default=None, init=False)
+
+    def _to_device(self, array: np.ndarray):
+        if not self.device.startswith("cuda"):
+            return array
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def preprocess(self, array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Reorientation]:
+        """(X, Y, Z) HU -> (windowed image on the 1.5 x 1.5 x 2 mm RAS grid, its affine, reorientation)."""
+        pre = self.recipe.preprocessing
+        reorientation = Reorientation.for_affine(geometry.affine_ras, geometry.shape, pre.axcodes)
+        ras = reorientation.apply(self._to_device(array))
+        ras_affine = reorientation.affine(geometry.affine_ras)
+        grid_shape, grid_affine = spacing_grid(tuple(ras.shape), ras_affine, pre.spacing_mm)
+        image = resample_linear(ras, ras_affine, grid_affine, grid_shape)
+        low, high = pre.hu_window
+        image -= low
+        image *= 1.0 / (high - low)
+        if isinstance(image, np.ndarray):
+            np.clip(image, 0.0, 1.0, out=image)
+        else:  # the windows are cut on the host: the runner moves each batch to its device
+            image = image.clamp_(0.0, 1.0).cpu().numpy()
+        return image, grid_affine, reorientation
+
+    def predict(self, array: np.ndarray, geometry: Geometry, source: str | Path = "") -> np.ndarray:
+        """Segment one volume. ``array``: (X, Y, Z) HU in file voxel order.
+
+        Returns a uint8 mask of shape (X, Y, Z) on the input grid, 1 = spleen.
+        """
+        image, grid_affine, reorientation = self.preprocess(array, geometry)
+        if self.mirror_xy:
+            image = np.ascontiguousarray(image[::-1, ::-1])
+        inf = self.recipe.inference
+        margin, self.last_windows = spleen_margin(
+            image, self.runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
+        )
+        if self.mirror_xy:
+            margin = margin[::-1, ::-1]
+        ras_affine = reorientation.affine(geometry.affine_ras)
+        mask_ras = invert_margin(self._to_device(margin), grid_affine, reorientation.ras_shape, ras_affine)
+        mask = reorientation.undo(mask_ras)
+        mask = np.ascontiguousarray(mask if isinstance(mask, np.ndarray) else mask.cpu().numpy())
+        if mask.shape != geometry.shape:
+            raise RuntimeError(f"inverted mask shape {mask.shape} differs from input {geometry.shape}")
+        return mask
+
+
+def _positive_box(margin) -> tuple[list[int], list[int]] | None:
+    """(first, last) index per axis of the voxels with a positive margin; None if there are none."""
+    if isinstance(margin, np.ndarray):
+        index = np.nonzero(margin > 0)
+        if index[0].size == 0:
+            return None
+        return [int(ix.min()) for ix in index], [int(ix.max()) for ix in index]
+    import torch
+
+    found = torch.nonzero(margin > 0)
+    if found.shape[0] == 0:
+        return None
+    return found.min(dim=0).values.tolist(), found.max(dim=0).values.tolist()
+
+
+def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], ras_affine: np.ndarray):
+    """Spleen mask on the RAS input grid from the margin on the preprocessed grid.
+
+    Interpolates ``p1 - p0 = tanh(margin / 2)`` trilinearly (as ``Invertd`` does for the
+    two softmax channels) and only inside the box of positive margin: outside it every
+    interpolation neighbour is negative, so the mask is 0 there. ``margin`` is a numpy
+    array or a torch tensor; the mask (uint8) is of the same kind and device.
+    """
+    mask: Any
+    tanh: Any
+    if isinstance(margin, np.ndarray):
+        mask = np.zeros(ras_shape, dtype=np.uint8)
+        tanh = np.tanh
+    else:
+        import torch
+
+        mask = torch.zeros(ras_shape, dtype=torch.uint8, device=margin.device)
+        tanh = torch.tanh
+    box = _positive_box(margin)
+    if box is None:
+        return mask
+    src_box = tuple(slice(max(lo - 1, 0), min(hi + 2, n)) for lo, hi, n in zip(*box, margin.shape, strict=True))
+    crop_affine = grid_affine.copy()
+    crop_affine[:3, 3] = grid_affine[:3, :3] @ [b.start for b in src_box] + grid_affine[:3, 3]
+    probs = tanh(margin[src_box] * 0.5)
+    dst_box = index_box(ras_affine, grid_affine, src_box, ras_shape, tuple(margin.shape))
+    dst_shape = tuple(b.stop - b.start for b in dst_box)
+    if min(dst_shape) <= 0:
+        return mask
+    # Map destination voxels into the crop's index space (border padding as MONAI).
+    values = resample_linear(probs, crop_affine, ras_affine, dst_shape, tuple(b.start for b in dst_box))
+    mask[dst_box] = values > 0
+    return mask
+
+
+def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_xy: bool = False,
+                   progress: bool = True, all_windows: bool = False, precision: str = "fp32") -> Segmenter:
+    """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``).
+
+    ``precision="fp16"``: AMP autocast for torch on CUDA, an fp16 engine for TensorRT.
+    """
+    focus = None if all_windows else RECIPE.inference.focus_radius
+    return Segmenter(runner=make_runner(weights, backend, device, precision), mirror_xy=mirror_xy, progress=progress,
+                     focus_radius=focus, device=device)
+

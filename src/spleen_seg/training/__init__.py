@@ -1,0 +1,1 @@
+"""Training and evaluation through the MONAI bundle: data, phantoms, transforms, bundle JSON, DDP."""
