@@ -10,10 +10,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spleen_seg import __version__
 from spleen_seg.errors import SpleenSegError
+
+if TYPE_CHECKING:
+    from spleen_seg.batch.case import CaseResult
 
 EXIT_USER_ERROR = 2
 # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
@@ -203,7 +206,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_case(result) -> None:
+def _print_case(result: CaseResult) -> None:
     """One line per case as it finishes: stdout for results and skips, stderr for warnings and errors."""
     if result.reused:
         print(f"skipped, already done: {result.case}", flush=True)
@@ -212,7 +215,8 @@ def _print_case(result) -> None:
         print(f"error: {result.error}", file=sys.stderr, flush=True)
         return
     found = f"spleen {result.spleen_ml:.1f} mL" if result.status == "ok" else "spleen not found"
-    print(f"{result.source}: {found} -> {result.output.parent} ({result.seconds:.1f} s)", flush=True)
+    folder = result.output.parent if result.output is not None else result.case
+    print(f"{result.source}: {found} -> {folder} ({result.seconds:.1f} s)", flush=True)
     for warning in result.report.warnings if result.report is not None else []:
         print(f"warning: {result.case}: {warning}", file=sys.stderr, flush=True)
 
