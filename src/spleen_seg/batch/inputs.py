@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Case folder names keep letters, digits, '.', '_' and '-'; a DICOM series adds its number or this much UID.
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SHORT_UID_CHARS = 8
+NOT_FOLDER_NAMES = ("", ".", "..")
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[InputItem]:
@@ -110,6 +111,8 @@ def unique_case_ids(items: list[InputItem]) -> list[str]:
         except Exception as err:
             logger.debug("case id of %s from its path: %r", input_source(item), err)
             base = _safe_name(input_source(item).name)
+        if base in NOT_FOLDER_NAMES:  # ".nii.gz" or "..nii" would name the output folder itself
+            base = _safe_name(base)
         name, count = base, 1
         while name in ids:
             count += 1

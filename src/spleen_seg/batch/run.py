@@ -83,7 +83,7 @@ class _Batch:
             # An earlier run's folder for this case no longer describes it (other input,
             # options or version): after a run the case folders are exactly the rows
             # that are ok or not_found.
-            shutil.rmtree(self.out_dir / result.case, ignore_errors=True)
+            shutil.rmtree(self.out_dir / self.cases[index], ignore_errors=True)
         self.summary.record(index, SummaryRow(case=result.case, source=str(result.source), status=result.status,
                                               report=result.report, error=result.error or "",
                                               reused=result.reused), write=write)

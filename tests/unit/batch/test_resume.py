@@ -258,7 +258,7 @@ def test_folders_that_cannot_be_expanded_are_failed_cases(tmp_path, network):
     weights.write_bytes(b"w")
     results = segment_files(inputs, tmp_path / "out", weights, "cpu", progress=False, options=NO_PREVIEW)
     assert [(r.case, r.status) for r in results] == [("mr", "failed"), ("empty", "failed"), ("good", "ok")]
-    assert "no CT series" in (results[0].error or "") and "no .nii" in (results[1].error or "")
+    assert (results[0].error or "").startswith(f"{tmp_path / 'mr'}: ") and "no .nii" in (results[1].error or "")
 
 
 def test_work_folders_of_killed_runs_are_removed(batch, network):
@@ -272,3 +272,9 @@ def test_work_folders_of_killed_runs_are_removed(batch, network):
         (folder / "spleen.nii.gz").write_bytes(b"half written")
     run(batch)
     assert not any(folder.exists() for folder in dead) and live.is_dir()
+
+
+def test_case_ids_never_name_the_output_folder_itself(tmp_path):
+    from spleen_seg.batch.inputs import unique_case_ids
+
+    assert unique_case_ids([tmp_path / ".nii.gz", tmp_path / "..nii", tmp_path / "a.nii"]) == ["case", "case_2", "a"]
