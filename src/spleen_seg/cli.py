@@ -10,12 +10,17 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spleen_seg import __version__
 from spleen_seg.errors import SpleenSegError
 
+if TYPE_CHECKING:
+    from spleen_seg.batch.case import CaseResult
+
 EXIT_USER_ERROR = 2
+# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 def _existing_dir(value: str) -> Path:
@@ -106,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp16: AMP for torch on CUDA, fp16 engine for TensorRT (CPU backends run fp32)")
     seg.add_argument("--all-windows", action="store_true",
                      help="compute every sliding window (the bundle's exact average everywhere; slower)")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="recompute every case (default: skip cases an earlier run finished with the same input, "
+                          "weights, options and spleen-seg version)")
 
     train = sub.add_parser("train", parents=[quiet], help="train with the bundle's train.json")
     _add_bundle_run_flags(train)
@@ -174,30 +182,43 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from spleen_seg.batch.case import SegmentOptions
     from spleen_seg.batch.inputs import collect_inputs
     from spleen_seg.batch.run import segment_files
+    from spleen_seg.batch.summary import SUMMARY_FILENAME
     from spleen_seg.pipeline.backends import resolve_device_name
     from spleen_seg.pipeline.network import default_segment_weights
 
     weights = default_segment_weights(args.weights)
     device = resolve_device_name(args.device)
-    inputs = collect_inputs(args.inputs)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
                              precision=args.precision)
-    results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
-                            options=options)
+    try:
+        inputs = collect_inputs(args.inputs)
+        results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
+                                options=options, overwrite=args.overwrite, on_result=_print_case)
+    except KeyboardInterrupt:
+        print(f"interrupted: the current case was discarded; {args.output / SUMMARY_FILENAME} lists the finished "
+              "cases; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     failures = [r for r in results if r.error]
-    for r in results:
-        if r.error is None:
-            found = f"spleen {r.spleen_ml:.1f} mL" if r.status == "ok" else "spleen not found"
-            print(f"{r.source}: {found} -> {r.output.parent if r.output else args.output} ({r.seconds:.1f} s)")
-        for warning in r.report.warnings if r.report is not None else []:
-            print(f"warning: {r.case}: {warning}", file=sys.stderr)
-    for r in failures:
-        print(f"error: {r.error}", file=sys.stderr)
     if failures:
         print(f"{len(results) - len(failures)} of {len(results)} inputs segmented; {len(failures)} failed", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
+
+
+def _print_case(result: CaseResult) -> None:
+    """One line per case as it finishes: stdout for results and skips, stderr for warnings and errors."""
+    if result.reused:
+        print(f"skipped, already done: {result.case}", flush=True)
+        return
+    if result.error is not None:
+        print(f"error: {result.error}", file=sys.stderr, flush=True)
+        return
+    found = f"spleen {result.spleen_ml:.1f} mL" if result.status == "ok" else "spleen not found"
+    folder = result.output.parent if result.output is not None else result.case
+    print(f"{result.source}: {found} -> {folder} ({result.seconds:.1f} s)", flush=True)
+    for warning in result.report.warnings if result.report is not None else []:
+        print(f"warning: {result.case}: {warning}", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

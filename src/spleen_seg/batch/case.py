@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spleen_seg import __version__
-from spleen_seg.batch.inputs import InputItem, input_case_id, input_source, load_input
+from spleen_seg.batch.inputs import FailedInput, InputItem, input_case_id, input_source, load_input
 from spleen_seg.config import RECIPE
 from spleen_seg.errors import SpleenSegError
 from spleen_seg.io.atomic import atomic_write_text
@@ -31,6 +33,18 @@ RUN_INFO_FILENAME = "run_info.json"
 SEG_FILENAME = "spleen_seg.dcm"
 STL_FILENAME = "spleen.stl"
 ALGORITHM_NAME = "spleen-seg"
+# An error line stays one readable line: library messages can span pages (a header dump).
+MAX_ERROR_CHARS = 400
+WHITESPACE_RUN = re.compile(r"\s+")
+# What to say when an exception carries no message (MemoryError() usually does not).
+NO_MESSAGE: dict[type[BaseException], str] = {MemoryError: "not enough memory"}
+
+# Hidden work folders beside the case folders, suffixed with the writing process's id.
+PARTIAL_MARK = ".partial-"
+OLD_MARK = ".old-"
+WORK_DIR_NAME = re.compile(rf"^\..+(?:{re.escape(PARTIAL_MARK)}|{re.escape(OLD_MARK)})(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,30 @@ class SegmentOptions:
 class CaseResult:
     source: Path
     output: Path | None = None
+    # "<input>: <what> (<ExceptionType>)", one line (see describe_failure).
     error: str | None = None
     spleen_ml: float = 0.0
     seconds: float = 0.0
     case: str = ""
-    # ok, not_found (segmented, empty mask) or failed.
+    # ok, not_found (segmented, empty mask), failed, or interrupted (Ctrl-C).
     status: str = "ok"
     report: CaseReport | None = None
+    # True when an earlier run's finished folder was kept (resume) instead of computing.
+    reused: bool = False
+
+
+def describe_failure(source: Path, err: BaseException) -> str:
+    """``"<source>: <what> (<ExceptionType>)"`` on one line, at most about ``MAX_ERROR_CHARS`` long.
+
+    Project errors already start with the input's path; it is not repeated.
+    """
+    what = WHITESPACE_RUN.sub(" ", str(err)).strip()
+    what = what.removeprefix(f"{source}: ").removeprefix(f"{source}:").strip()
+    if not what:
+        what = NO_MESSAGE.get(type(err), "failed without a message")
+    if len(what) > MAX_ERROR_CHARS:
+        what = what[:MAX_ERROR_CHARS].rstrip() + " [...]"
+    return f"{source}: {what} ({type(err).__name__})"
 
 
 def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inputs: list[InputItem],
@@ -85,21 +116,31 @@ def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inpu
         "device": device,
         "backend": backend,
         "recipe": asdict(RECIPE),
-        "inputs": [str(p) if isinstance(p, Path) else f"{p.folder} (series {p.series_uid})" for p in inputs],
+        "inputs": [_describe_input(p) for p in inputs],
     }
     atomic_write_text(out_dir / RUN_INFO_FILENAME, json.dumps(info, indent=2, default=str) + "\n")
 
 
+def _describe_input(item: InputItem) -> str:
+    if isinstance(item, FailedInput):
+        return f"{item.path} (failed: {item.error})"
+    return str(item) if isinstance(item, Path) else f"{item.folder} (series {item.series_uid})"
+
+
 def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case: str | None = None,
                 options: SegmentOptions | None = None, model: dict[str, Any] | None = None,
-                prefetched: Future | None = None) -> CaseResult:
-    """Read, segment and write one input into ``out_dir/<case>/``; user errors become ``CaseResult.error``.
+                prefetched: Future | None = None, identity: dict[str, Any] | None = None) -> CaseResult:
+    """Read, segment and write one input into ``out_dir/<case>/``; any failure becomes ``CaseResult.error``.
 
     Writes ``spleen.nii.gz``, ``report.json`` and ``preview.png``; for a DICOM series also
     ``spleen_seg.dcm``; with ``options.stl`` also ``spleen.stl`` (not for an empty mask).
     The files are written into a hidden temporary folder renamed to ``<case>`` at the end,
     so a failure or a kill leaves no partial case folder. ``prefetched`` is a future of
     :func:`load_input` already reading this input (batch mode overlaps reading and compute).
+    ``identity`` is recorded in the report for resuming (``batch.resume``).
+
+    Every ``Exception`` (project errors, library errors, ``MemoryError``, CUDA out of memory)
+    gives a ``failed`` result; ``KeyboardInterrupt`` propagates, leaving no case folder.
     """
     from spleen_seg.outputs.report import REPORT_FILENAME, build_report, check_intensity, keep_components, write_report
 
@@ -107,7 +148,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
     case = case or input_case_id(source)
     path = input_source(source)
     case_dir = out_dir / case
-    work_dir = out_dir / f".{case}.partial-{os.getpid()}"
+    work_dir = out_dir / f".{case}{PARTIAL_MARK}{os.getpid()}"
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     start = clock
@@ -128,6 +169,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         mask = components.mask
         report = build_report(case, str(path), mask, array, geometry, components, warnings)
         report.model = dict(model or {})
+        report.identity = dict(identity or {})
         lap("measure")
         shutil.rmtree(work_dir, ignore_errors=True)
         outputs = _write_outputs(mask, array, geometry, source, work_dir, report, options, lap)
@@ -135,8 +177,14 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         report.timings_s = {**timings, "total": round(time.perf_counter() - start, 4)}
         write_report(report, work_dir / REPORT_FILENAME)
         _publish(work_dir, case_dir)
-    except SpleenSegError as err:
-        return CaseResult(source=path, error=str(err), case=case, status="failed")
+    # Any exception: the batch's contract is that one bad case never stops the others, and
+    # readers and runtimes raise far more than our own errors (nibabel's ValueError on a
+    # fuzzed header, a decoder's RuntimeError, MemoryError, CUDA out of memory).
+    except Exception as err:
+        if not isinstance(err, SpleenSegError):  # unexpected type: the traceback for debugging
+            logger.debug("%s failed", path, exc_info=True)
+        return CaseResult(source=path, error=describe_failure(path, err), case=case, status="failed",
+                          seconds=time.perf_counter() - start)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return CaseResult(source=path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
@@ -147,10 +195,35 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
 def _publish(work_dir: Path, case_dir: Path) -> None:
     """Replace ``case_dir`` by the finished ``work_dir`` (an earlier run's folder is removed)."""
     if case_dir.exists():
-        stale = case_dir.with_name(f".{case_dir.name}.old-{os.getpid()}")
+        stale = case_dir.with_name(f".{case_dir.name}{OLD_MARK}{os.getpid()}")
         os.replace(case_dir, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(work_dir, case_dir)
+
+
+def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
+    """Remove the hidden work folders (``.<case>.partial-<pid>``, ``.<case>.old-<pid>``) of dead processes.
+
+    A run killed with SIGKILL leaves its current case's work folder behind; folders of a
+    process still running (another batch writing here) are kept. Returns what was removed.
+    """
+    removed = []
+    for path in out_dir.glob(".*"):
+        match = WORK_DIR_NAME.match(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
 
 
 def warm_output_imports() -> None:
@@ -167,7 +240,7 @@ def _write_outputs(mask: np.ndarray, image: np.ndarray, geometry: Geometry, sour
     """Write the mask files and preview of one case; ``lap(stage)`` records each stage's time."""
     outputs = {"mask": write_mask(mask, geometry, case_dir / MASK_FILENAME)}
     lap("write_nifti")
-    if not isinstance(source, Path):
+    if not isinstance(source, (Path, FailedInput)):
         from spleen_seg.io.seg import AlgorithmInfo, write_dicom_seg
 
         algorithm = AlgorithmInfo(name=ALGORITHM_NAME, version=__version__,

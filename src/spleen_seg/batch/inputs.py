@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -15,13 +16,28 @@ from spleen_seg.io.nifti import Geometry, case_id, is_nifti, read_volume
 if TYPE_CHECKING:
     from spleen_seg.io.dicom import DicomSeries
 
-# A NIfTI file or one DICOM CT series.
-InputItem = Union[Path, "DicomSeries"]
+
+
+@dataclass(frozen=True)
+class FailedInput:
+    """A command-line input that could not be expanded into cases (a folder with no image, no CT series...).
+
+    It stays in the batch as one case that fails with ``error``, so that it gets its
+    error line and ``failed`` row in input order instead of stopping the batch.
+    """
+
+    path: Path
+    error: Exception
+
+
+# A NIfTI file, one DICOM CT series, or an input whose expansion failed.
+InputItem = Union[Path, "DicomSeries", FailedInput]
 
 logger = logging.getLogger(__name__)
 # Case folder names keep letters, digits, '.', '_' and '-'; a DICOM series adds its number or this much UID.
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SHORT_UID_CHARS = 8
+NOT_FOLDER_NAMES = ("", ".", "..")
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[InputItem]:
@@ -29,26 +45,34 @@ def collect_inputs(inputs: list[str | Path]) -> list[InputItem]:
 
     A folder holding DICOM files becomes one input per CT series in it (searched
     recursively); non-CT series are skipped with a logged message. Missing paths are
-    kept so that the batch reports them as failures one by one.
+    kept so that the batch reports them as failures one by one; a folder that cannot
+    be expanded (no NIfTI file, no CT series, unreadable) becomes a :class:`FailedInput`.
     """
     found: list[InputItem] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            from spleen_seg.io.dicom import find_series, is_dicom_folder
-
-            if is_dicom_folder(item):
-                series, skipped = find_series(item)
-                for message in skipped:
-                    logger.warning("%s: %s", item, message)
-                found.extend(series)
-                continue
-            files = sorted(p for p in item.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
-            if not files:
-                raise InputImageError(f"{item}: folder holds no .nii or .nii.gz files")
-            found.extend(files)
-        else:
-            found.append(item)
+        try:
+            found.extend(_expand(item))
+        # Any exception: one bad input never stops the batch; the error is reported as
+        # that input's failure (KeyboardInterrupt and SystemExit are not Exceptions).
+        except Exception as err:
+            found.append(FailedInput(item, err))
     return found
+
+
+def _expand(item: Path) -> list[InputItem]:
+    if item.is_dir():
+        from spleen_seg.io.dicom import find_series, is_dicom_folder
+
+        if is_dicom_folder(item):
+            series, skipped = find_series(item)
+            for message in skipped:
+                logger.warning("%s: %s", item, message)
+            return list(series)
+        files = sorted(p for p in item.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+        if not files:
+            raise InputImageError(f"{item}: folder holds no .nii or .nii.gz files")
+        return list(files)
+    return [item]
 
 
 def _safe_name(text: str) -> str:
@@ -56,12 +80,16 @@ def _safe_name(text: str) -> str:
 
 
 def input_source(item: InputItem) -> Path:
-    """The path an input came from: the NIfTI file, or the DICOM series' folder."""
+    """The path an input came from: the NIfTI file, the DICOM series' folder, or the failed input's path."""
+    if isinstance(item, FailedInput):
+        return item.path
     return item if isinstance(item, Path) else item.folder
 
 
 def input_case_id(item: InputItem) -> str:
     """Output folder name: NIfTI file name without extension; DICOM folder name + series number (or short UID)."""
+    if isinstance(item, FailedInput):
+        return _safe_name(case_id(item.path))
     if isinstance(item, Path):
         return case_id(item)
     import pydicom
@@ -76,7 +104,15 @@ def unique_case_ids(items: list[InputItem]) -> list[str]:
     """:func:`input_case_id` for each input, with ``_2``, ``_3``... appended to repeats."""
     ids: list[str] = []
     for item in items:
-        base = input_case_id(item)
+        try:
+            base = input_case_id(item)
+        # The id of a DICOM series comes from a file header: a file that went bad since the
+        # series was found must fail that case when it is read, not stop the batch here.
+        except Exception as err:
+            logger.debug("case id of %s from its path: %r", input_source(item), err)
+            base = _safe_name(input_source(item).name)
+        if base in NOT_FOLDER_NAMES:  # ".nii.gz" or "..nii" would name the output folder itself
+            base = _safe_name(base)
         name, count = base, 1
         while name in ids:
             count += 1
@@ -85,9 +121,10 @@ def unique_case_ids(items: list[InputItem]) -> list[str]:
     return ids
 
 
-
 def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
-    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series."""
+    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series; a failed input raises its error."""
+    if isinstance(source, FailedInput):
+        raise source.error
     if isinstance(source, Path):
         return read_volume(source)
     from spleen_seg.io.dicom import read_series

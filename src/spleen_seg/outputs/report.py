@@ -21,7 +21,8 @@ from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.io.nifti import Geometry
 
 REPORT_FILENAME = "report.json"
-REPORT_VERSION = 1
+# 2: adds "identity" (what the outputs depend on; a later run resumes by it).
+REPORT_VERSION = 2
 
 # 26-connectivity: voxels touching by a face, edge or corner belong to one component.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -98,6 +99,8 @@ class CaseReport:
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     message: str = ""
+    # Input, weights and options digests and versions: a later run skips the case when equal.
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flags(self) -> list[str]:
@@ -273,3 +276,15 @@ def build_report(case: str, source: str, mask: np.ndarray, image_hu: np.ndarray,
 def write_report(report: CaseReport, dest: Path) -> Path:
     atomic_write_text(dest, report.to_json())
     return dest
+
+
+def read_report(path: Path) -> CaseReport | None:
+    """The report a :func:`write_report` of this ``REPORT_VERSION`` wrote, or None (missing, other version, invalid)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.pop("report_version", None) != REPORT_VERSION:
+            return None
+        data.pop("flags", None)  # derived, not a field
+        return CaseReport(**data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return None

@@ -2,10 +2,9 @@
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 
-from spleen_seg.batch.inputs import collect_inputs
+from spleen_seg.batch.inputs import FailedInput, collect_inputs
 from spleen_seg.batch.run import segment_files
 from spleen_seg.errors import InputImageError
 
@@ -22,8 +21,9 @@ def test_collect_inputs_expands_folders(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in collect_inputs([tmp_path])] == ["a.nii", "b.nii.gz"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputImageError, match="no .nii"):
-        collect_inputs([tmp_path / "empty"])
+    (failed,) = collect_inputs([tmp_path / "empty"])  # a failed case of the batch, not a stop
+    assert isinstance(failed, FailedInput) and failed.path == tmp_path / "empty"
+    assert isinstance(failed.error, InputImageError) and "no .nii" in str(failed.error)
 
 
 def test_batch_continues_after_a_bad_input(tmp_path):

@@ -1,0 +1,228 @@
+"""``spleen-seg segment`` over batches that must not break (issue 7, items 3 and 4): a fuzz batch
+of corrupted NIfTI and DICOM inputs, a batch killed with SIGKILL and run again, Ctrl-C."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from corrupt_inputs import corrupt_dicom_folders, corrupt_nifti_files
+
+from spleen_seg.pipeline.network import demo_weights_path
+from spleen_seg.training.evaluate import dice
+
+CLI = [sys.executable, "-m", "spleen_seg.cli"]
+REPO = Path(__file__).resolve().parents[2]
+EXIT_FAILED, EXIT_INTERRUPTED = 2, 130
+MIN_DICE = 0.85
+FUZZ_SEED = 7
+FUZZ_NIFTI, FUZZ_DICOM = 130, 75
+FUZZ_TIMEOUT_S = 600
+BATCH_SEEDS = (1, 2, 3, 4)
+KILL_AFTER_CASES = 2
+WAIT_S = 180
+POLL_S = 0.05
+# Skipping every case reads reports and hashes inputs; it must cost far less than computing.
+MAX_SKIP_ALL_FRACTION = 0.5
+ERROR_LINE = re.compile(r"^error: (?P<source>.+?): (?P<what>.+) \((?P<type>\w+)\)$")
+
+
+def segment_args(inputs: list[Path], out: Path) -> list[str]:
+    return [*CLI, "segment", *map(str, inputs), "-o", str(out), "--weights", str(demo_weights_path()), "-q"]
+
+
+def run(args: list[str], timeout: float = WAIT_S) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def summary(out: Path) -> list[dict[str, str]]:
+    with (out / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def case_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) if out.exists() else []
+
+
+def work_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("."))
+
+
+def mask(out: Path, case: str) -> np.ndarray:
+    return np.asarray(nib.load(str(out / case / "spleen.nii.gz")).dataobj)
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+def test_fuzz_batch_never_breaks(phantom, write_nifti, tmp_path, tail):
+    """Over 200 corrupted inputs around one good CT: no traceback, the CT segmented, every input a row."""
+    good_case = phantom(1, "RAS")
+    good = write_nifti(good_case.image_hu.astype(np.int16), good_case.affine, tmp_path / "good.nii.gz")
+    corrupted = (corrupt_nifti_files(tmp_path / "nifti", FUZZ_NIFTI, FUZZ_SEED)
+                 + corrupt_dicom_folders(tmp_path / "dicom", FUZZ_DICOM, FUZZ_SEED))
+    out = tmp_path / "out"
+    proc, seconds = run(segment_args([*(c.path for c in corrupted[: FUZZ_NIFTI // 2]), good,
+                                      *(c.path for c in corrupted[FUZZ_NIFTI // 2:])], out), timeout=FUZZ_TIMEOUT_S)
+    assert proc.returncode == EXIT_FAILED, tail(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, tail(proc)
+
+    rows = summary(out)
+    by_source = collections.defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    (good_row,) = by_source[str(good)]
+    assert good_row["status"] == "ok" and dice(mask(out, good_row["case"]), good_case.spleen_mask) >= MIN_DICE
+    outcomes = collections.Counter()
+    for item in corrupted:
+        assert by_source[str(item.path)], f"{item.path} ({item.kind}) has no row in summary.csv"
+        for row in by_source[str(item.path)]:
+            outcomes[item.kind, "failed" if row["status"] == "failed" else "segmented"] += 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(errors) == len(failed) and all(ERROR_LINE.match(line) for line in errors), errors[:3]
+    assert [f"error: {row['error']}" for row in failed] == errors  # the same text, in input order
+    assert {row["status"] for row in rows} <= {"ok", "not_found", "failed"}
+    # A case folder exactly for each segmented row.
+    assert case_folders(out) == sorted(row["case"] for row in rows if row["status"] != "failed")
+    assert work_folders(out) == []
+    # Truncated NIfTI files and lone damaged DICOM slices can never be read.
+    for kind in ("nifti.truncate", "dicom.alone.truncate", "dicom.alone.header_byte", "dicom.alone.data_bytes"):
+        assert outcomes[kind, "segmented"] == 0 and outcomes[kind, "failed"] > 0, kind
+    print(f"\nfuzz: {len(corrupted)} corrupted inputs, {len(rows)} rows, {len(failed)} failed, "
+          f"{len(rows) - len(failed) - 1} corrupted but readable (segmented), {seconds:.1f} s")
+    for (kind, outcome), count in sorted(outcomes.items()):
+        print(f"  {kind:28s} {outcome:9s} {count}")
+    print("  exception types:", dict(collections.Counter(ERROR_LINE.match(e)["type"] for e in errors)))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def batch_inputs(tmp_path_factory) -> list[Path]:
+    from conftest import save_nifti, small_phantom
+
+    folder = tmp_path_factory.mktemp("batch_inputs")
+    paths = []
+    for seed in BATCH_SEEDS:
+        case = small_phantom(seed, "RAS" if seed % 2 else "LPS")
+        paths.append(save_nifti(case.image_hu.astype(np.int16), case.affine, folder / f"case_{seed}.nii.gz"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(batch_inputs, tmp_path_factory):
+    """The batch run once from scratch, then again (every case skipped): outputs and times."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    first, scratch_s = run(segment_args(batch_inputs, out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = summary(out)
+    reports = {case: (out / case / "report.json").read_bytes() for case in case_folders(out)}
+    info_mtime = (out / "run_info.json").stat().st_mtime_ns
+    again, skip_s = run(segment_args(batch_inputs, out))
+    return {"out": out, "rows": rows, "reports": reports, "info_mtime": info_mtime, "scratch_s": scratch_s,
+            "again": again, "skip_s": skip_s}
+
+
+def cases_of(inputs: list[Path]) -> list[str]:
+    return [p.name.removesuffix(".nii.gz") for p in inputs]
+
+
+def test_rerun_skips_every_finished_case(uninterrupted, batch_inputs):
+    again, out = uninterrupted["again"], uninterrupted["out"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [f"skipped, already done: {case}" for case in cases_of(batch_inputs)]
+    assert {case: (out / case / "report.json").read_bytes() for case in case_folders(out)} == uninterrupted["reports"]
+    # No model was loaded: run_info.json is written only when a case is computed.
+    assert (out / "run_info.json").stat().st_mtime_ns == uninterrupted["info_mtime"]
+    rows = summary(out)
+    assert [row.pop("reused") for row in rows] == ["yes"] * len(batch_inputs)
+    assert rows == [{k: v for k, v in row.items() if k != "reused"} for row in uninterrupted["rows"]]
+    ratio = uninterrupted["skip_s"] / uninterrupted["scratch_s"]
+    print(f"\nresume: {len(batch_inputs)} phantoms from scratch {uninterrupted['scratch_s']:.1f} s, "
+          f"rerun skipping all {uninterrupted['skip_s']:.1f} s (ratio {ratio:.3f})")
+    assert ratio < MAX_SKIP_ALL_FRACTION
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_cases(proc: subprocess.Popen, out: Path, count: int) -> None:
+    """Until ``count`` case folders exist (bounded); fails if the batch ended first."""
+    deadline = time.monotonic() + WAIT_S
+    while len(case_folders(out)) < count:
+        assert proc.poll() is None, f"the batch ended before {count} cases were done: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {count} case folders in {out} after {WAIT_S} s"
+        time.sleep(POLL_S)
+
+
+def test_sigkill_then_rerun_computes_only_the_unfinished_cases(uninterrupted, batch_inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = start(segment_args(batch_inputs, out))
+    try:
+        wait_for_cases(proc, out, KILL_AFTER_CASES)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=WAIT_S)
+    finished = case_folders(out)
+    cases = cases_of(batch_inputs)
+    assert len(finished) < len(cases), "the batch finished before it was killed: nothing to resume"
+    # The summary a killed batch leaves: finished cases only, all ok (a case published in
+    # the instant before the kill may not have its row yet).
+    killed_rows = summary(out)
+    assert {row["case"] for row in killed_rows} <= set(finished) and len(finished) - len(killed_rows) <= 1
+    assert all(row["status"] == "ok" for row in killed_rows)
+    reports = {case: (out / case / "report.json").read_bytes() for case in finished}
+
+    rerun, resume_s = run(segment_args(batch_inputs, out))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lines = rerun.stdout.splitlines()
+    assert [line for line in lines if line.startswith("skipped")] == [f"skipped, already done: {c}" for c in finished]
+    computed = [Path(line.split(": spleen")[0]).name.removesuffix(".nii.gz") for line in lines if " -> " in line]
+    assert computed == [case for case in cases if case not in finished]
+    assert {case: (out / case / "report.json").read_bytes() for case in finished} == reports
+    assert case_folders(out) == sorted(cases) and work_folders(out) == []
+    reference = uninterrupted["out"]
+    for case in cases:
+        np.testing.assert_array_equal(mask(out, case), mask(reference, case), err_msg=case)
+    rows = summary(out)
+    assert [row.pop("reused") for row in rows] == ["yes" if c in finished else "no" for c in cases]
+    assert rows == [{k: v for k, v in row.items() if k != "reused"} for row in uninterrupted["rows"]]
+    print(f"\nSIGKILL after {len(finished)} of {len(cases)} cases; rerun {resume_s:.1f} s "
+          f"(from scratch {uninterrupted['scratch_s']:.1f} s)")
+
+
+def test_ctrl_c_exits_130_with_the_summary_of_what_finished(batch_inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = start(segment_args(batch_inputs, out))
+    try:
+        wait_for_cases(proc, out, 1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted: " in stderr
+    finished = case_folders(out)
+    assert 1 <= len(finished) < len(batch_inputs) and work_folders(out) == []
+    rows = summary(out)
+    done = [row["case"] for row in rows if row["status"] == "ok"]
+    assert done == finished  # input order is the cases' sorted order here
+    interrupted = [row for row in rows if row["status"] == "interrupted"]
+    assert [row["case"] for row in rows] == done + [row["case"] for row in interrupted] and len(interrupted) <= 1
+    assert all(row["case"] not in finished for row in interrupted)
