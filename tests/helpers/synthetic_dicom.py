@@ -261,3 +261,10 @@ def write_multiframe(dest: Path, slices: Sequence[Path], *, enhanced: bool = Fal
     dest.parent.mkdir(parents=True, exist_ok=True)
     image.save_as(dest)
     return dest
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """dicom3tools' DICOM object validator on ``path``: its (error lines, warning lines)."""
+    proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines()]
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
