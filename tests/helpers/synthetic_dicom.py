@@ -162,6 +162,9 @@ def write_dose_report(path: Path, study_uid="1.2.3.4") -> Path:
     ds = _base_dataset(XRayRadiationDoseSRStorage, "SR", generate_uid(), study_uid, "Dose Report", 997)
     ds.InstanceNumber = 1
     ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "113701", "DCM", "X-Ray Radiation Dose Report"
+    ds.ConceptNameCodeSequence = [title]
     return _save(ds, path)
 
 
