@@ -479,7 +479,8 @@ def _series_volumes(key: tuple[str, ...], members: list[Member]) -> tuple[list[D
             volumes.append(replace(base, files=tuple(path for path, _ in single), error=str(err)))
         notices.extend(split_notices)
         volumes.extend(replace(base, files=tuple(path for path, _ in part), part=label) for label, part in parts)
-    multi = kinds.get("ct-multiframe", [])
+    multi, copies = _unique_instances(kinds.get("ct-multiframe", []), missing)
+    notices.extend(_copies_notice(name, copies))
     for path, ds in multi:
         label = f"i{ds.get('InstanceNumber', '') or len(volumes) + 1}" if len(multi) > 1 else ""
         volumes.append(replace(base, files=(path,), part=label, multiframe=True))
@@ -493,9 +494,7 @@ def _axial_slices(name: str, members: list[Member], missing: list[str]) -> tuple
     none if the series is not axial. Appends "SOPInstanceUID" to ``missing`` if files lack it."""
     notices: list[Notice] = []
     unique, copies = _unique_instances(members, missing)
-    if copies:
-        notices.append(_info(f"{name}: read once {len(copies)} file(s) with the SOPInstanceUID of another "
-                             f"(duplicate copies), e.g. {copies[0][0]} (copy of {copies[0][1]})"))
+    notices.extend(_copies_notice(name, copies))
     localizers = [member for member in unique if _is_localizer(member[1])]
     if localizers:
         notices.append(_info(f"skipped {len(localizers)} localizer image(s) of {name} (ImageType LOCALIZER), "
@@ -508,6 +507,13 @@ def _axial_slices(name: str, members: list[Member], missing: list[str]) -> tuple
                              f"the patient's head-foot axis (a coronal or sagittal reformat, not an axial volume)"))
         kept = []
     return kept, notices
+
+
+def _copies_notice(name: str, copies: list[tuple[Path, Path]]) -> list[Notice]:
+    if not copies:
+        return []
+    return [_info(f"{name}: read once {len(copies)} file(s) with the SOPInstanceUID of another "
+                  f"(duplicate copies), e.g. {copies[0][0]} (copy of {copies[0][1]})")]
 
 
 def _unique_instances(members: list[Member], missing: list[str]) -> tuple[list[Member], list[tuple[Path, Path]]]:

@@ -1,5 +1,7 @@
 """Multi-frame (enhanced) CT: read as one volume on the same grid as its single-frame series, or a clear error."""
 
+import shutil
+
 import numpy as np
 import pydicom
 import pytest
@@ -29,9 +31,11 @@ def test_multiframe_ct_reads_like_its_single_frame_series(tmp_path, enhanced):
 
 def test_single_and_multiframe_copies_of_one_series_are_separate_volumes(tmp_path):
     paths = write_series(tmp_path / "study" / "single", smooth_volume(shape=(24, 20, 4)))
-    write_multiframe(tmp_path / "study" / "multi" / "IM1", paths)
-    volumes, _ = find_series(tmp_path / "study")
+    source = write_multiframe(tmp_path / "study" / "multi" / "IM1", paths)
+    shutil.copy(source, tmp_path / "study" / "multi" / "IM1_copy")  # the same SOP Instance UID: read once
+    volumes, notices = find_series(tmp_path / "study")
     assert sorted(v.multiframe for v in volumes) == [False, True]
+    assert len(notices) == 1 and "read once 1 file(s)" in notices[0].text
     first, second = (read_series(v) for v in volumes)
     np.testing.assert_array_equal(first[0], second[0])
 
