@@ -42,10 +42,11 @@ acquisitions, which are what a PACS export needs. For a multi-frame file, where 
 frames carry their own functional groups, highdicom's ``imread(...).get_volume()`` is
 the natural reader and is used.
 
-Pixel data is decoded by pydicom's plugins, the pylibjpeg ones (libjpeg: JPEG
-baseline, extended, lossless and JPEG-LS; openjpeg: JPEG 2000; rle: RLE Lossless)
-preferred wherever they apply, so the result does not depend on which other decoders
-happen to be installed; Deflated, Big Endian and the uncompressed syntaxes need none.
+Pixel data is decoded by pydicom's plugins, named per syntax so that the result does not
+depend on which other decoders happen to be installed: pylibjpeg's libjpeg (JPEG
+baseline, extended, lossless and JPEG-LS) and openjpeg (JPEG 2000); pydicom's own RLE
+decoder (see ``DECODER_BY_SYNTAX`` for why not pylibjpeg-rle); Deflated, Big Endian and
+the uncompressed syntaxes need none.
 
 Anonymised files often lack their UIDs; missing Series/Study/SOP Instance UIDs are
 derived deterministically (same files -> same UIDs) and listed in
@@ -65,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -76,6 +77,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     LegacyConvertedEnhancedCTImageStorage,
     MediaStorageDirectoryStorage,
+    RLELossless,
     generate_uid,
 )
 
@@ -99,7 +101,16 @@ MULTI_FRAME_CT = frozenset({EnhancedCTImageStorage, LegacyConvertedEnhancedCTIma
 # How a series with different images at one position splits, in this order: the keyword
 # and the letter that names a part in the case id (``_a2``: acquisition 2).
 SPLIT_KEYWORDS = (("AcquisitionNumber", "a"), ("TemporalPositionIndex", "t"), ("ContrastBolusAgentPhase", "p"))
+# Which of pydicom's decoder plugins decodes a syntax: pylibjpeg (its libjpeg and openjpeg
+# plugins) wherever it applies, except RLE, which pydicom's own decoder reads: pylibjpeg-rle
+# panics on damaged data (a Rust panic surfaces as a BaseException no error handler catches)
+# where pydicom's raises ValueError.
 PREFERRED_DECODER = "pylibjpeg"
+DECODER_BY_SYNTAX = {RLELossless: "pydicom"}
+# What pydicom raises for a damaged file: an unknown VR, a value of the wrong length, a
+# truncated element, an undecodable string. ``read_dataset`` meets them all up front.
+DICOM_READ_ERRORS = (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, KeyError, TypeError,
+                     IndexError, AttributeError, NotImplementedError, OverflowError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -199,16 +210,21 @@ def is_dicom_folder(path: str | Path) -> bool:
 
 
 def read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
-    """Read one DICOM file (with or without preamble); raises ``InvalidDicomError`` for other files.
+    """Read one DICOM file (with or without preamble), every element decoded now.
 
-    A data set written without file meta gets the TransferSyntaxUID pydicom detected
-    its encoding as, so that its pixels can be decoded.
+    Raises ``InvalidDicomError`` for a file that is not DICOM, one of
+    ``DICOM_READ_ERRORS`` for a damaged one: pydicom decodes elements when first
+    used, so a damaged element would otherwise fail later, anywhere. A data set
+    written without file meta gets the TransferSyntaxUID pydicom detected its encoding
+    as, so that its pixels can be decoded.
     """
     kind = dicom_kind(path)
     if not kind:
         raise InvalidDicomError(f"{path}: not a DICOM file")
     ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=kind == "headless")
-    if "TransferSyntaxUID" not in ds.file_meta:
+    ds.file_meta.walk(lambda dataset, element: None)
+    ds.walk(lambda dataset, element: None)
+    if not ds.file_meta.get("TransferSyntaxUID"):
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
@@ -228,12 +244,14 @@ def sop_class_uid(ds: Dataset) -> str:
 
 
 def decoding_plugin(ds: Dataset) -> str:
-    """The pixel decoder to use for ``ds``: the declared pylibjpeg where it applies, else pydicom's choice ("")."""
+    """The pixel decoder plugin for ``ds`` (see ``DECODER_BY_SYNTAX``); "" lets pydicom choose."""
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
-        decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+        available = get_decoder(syntax).available_plugins
     except NotImplementedError:
         return ""
-    return PREFERRED_DECODER if PREFERRED_DECODER in decoder.available_plugins else ""
+    plugin = DECODER_BY_SYNTAX.get(syntax, PREFERRED_DECODER)
+    return plugin if plugin in available else ""
 
 
 def slice_hu(ds: Dataset, path: Path, where: str) -> np.ndarray:
@@ -242,15 +260,18 @@ def slice_hu(ds: Dataset, path: Path, where: str) -> np.ndarray:
         ds.pixel_array_options(decoding_plugin=decoding_plugin(ds))
         pixels = ds.pixel_array
     except (AttributeError, NotImplementedError, RuntimeError, ValueError, KeyError, TypeError) as err:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        syntax = str(ds.file_meta.get("TransferSyntaxUID") or "unknown")
         name = UID(syntax).name if syntax != "unknown" else syntax
         raise InputImageError(f"{where}: cannot decode the pixels of {path} (transfer syntax {syntax}, {name}: {err}); "
                               f"install the pydicom pixel decoders (pylibjpeg with its libjpeg, openjpeg and rle "
                               f"plugins) or decompress the files") from err
     if pixels.ndim != 2:
         raise InputImageError(f"{where}: {path} holds an image of shape {pixels.shape}, expected one greyscale slice")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as err:
+        raise InputImageError(f"{where}: malformed RescaleSlope or RescaleIntercept in {path} ({err})") from err
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
@@ -318,7 +339,10 @@ def _series_key(ds: Dataset, path: Path) -> tuple[str, ...]:
 def _object_kind(ds: Dataset) -> str:
     """"ct" (single-frame CT image), "ct-multiframe", or why the object is not a CT image."""
     modality, sop_class = str(ds.get("Modality", "")), sop_class_uid(ds)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
     if sop_class in MULTI_FRAME_CT or (not sop_class and modality == "CT" and frames > 1):
         return "ct-multiframe"
     if sop_class in SINGLE_FRAME_CT or (not sop_class and modality == "CT" and "Rows" in ds):
@@ -543,8 +567,8 @@ def _read_headers(folder: Path) -> tuple[dict[tuple[str, ...], list[Member]], li
             ds = read_dataset(path, stop_before_pixels=True)
         except InvalidDicomError:
             continue  # not DICOM at all: notes, thumbnails, .DS_Store
-        except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, struct.error) as err:
-            notices.append(_warning(f"skipped file {path}: unreadable DICOM ({err.__class__.__name__})"))
+        except DICOM_READ_ERRORS as err:
+            notices.append(_warning(f"skipped file {path}: unreadable DICOM ({err.__class__.__name__}: {err})"))
             continue
         if sop_class_uid(ds) == MediaStorageDirectoryStorage:
             notices.append(_info(f"skipped file {path}: DICOMDIR (a media directory, not an image)"))

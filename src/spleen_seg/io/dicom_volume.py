@@ -17,11 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, generate_uid
 
 from spleen_seg.errors import InputImageError
 from spleen_seg.io.dicom import (
+    DICOM_READ_ERRORS,
     DIRECTION_TOLERANCE,
     SLICE_GAP_MIN_TOLERANCE_MM,
     SPACING_TOLERANCE_MM,
@@ -83,7 +83,7 @@ def _load_datasets(series: DicomSeries, stop_before_pixels: bool) -> list[Datase
     for path in series.files:
         try:
             datasets.append(read_dataset(path, stop_before_pixels=stop_before_pixels))
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        except DICOM_READ_ERRORS as err:
             raise InputImageError(f"{_where(series)}: cannot read {path} ({err.__class__.__name__}: {err})") from err
     return datasets
 
@@ -100,6 +100,9 @@ def _series_geometry(datasets: list[Dataset], series: DicomSeries) -> tuple[tupl
     except (AttributeError, TypeError, ValueError) as err:
         raise InputImageError(f"{_where(series)}: missing or malformed geometry tags (ImageOrientationPatient, "
                               f"ImagePositionPatient, PixelSpacing, Rows, Columns): {err}") from err
+    malformed = [path.name for path, p in zip(series.files, positions, strict=True) if p.shape != (3,)]
+    if malformed:
+        raise InputImageError(f"{_where(series)}: ImagePositionPatient is not three numbers in {', '.join(malformed)}")
     orientation = _check_same(orientations, "ImageOrientationPatient", DIRECTION_TOLERANCE, series)
     pixel_spacing = _check_same(pixel_spacings, "PixelSpacing", SPACING_TOLERANCE_MM, series)
     rows, columns, samples = (int(v) for v in _check_same(grids, "Rows/Columns/SamplesPerPixel", 0, series))

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.fileset import FileSet
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from synthetic_dicom import (
     CORONAL,
     pydicom_encode,
@@ -25,6 +25,8 @@ from synthetic_dicom import (
 from spleen_seg.errors import InputImageError
 from spleen_seg.io.dicom import dicom_kind, find_series, is_dicom_folder
 from spleen_seg.io.dicom_volume import read_series
+
+FUZZ_TRIALS = 60
 
 
 def _texts(notices, level=None) -> list[str]:
@@ -174,3 +176,36 @@ def test_other_files_are_never_read_as_dicom(tmp_path):
     assert not is_dicom_folder(tmp_path)
     with pytest.raises(InputImageError, match="no DICOM image files found"):
         find_series(tmp_path)
+
+
+def test_damaged_files_give_project_errors_only(tmp_path):
+    """Flipped bytes, damaged headers and truncations in plain, RLE, JPEG 2000 and preamble-less
+    files: finding and reading raise ``InputImageError`` or skip the file, never anything else."""
+    source = tmp_path / "source"
+    paths = write_series(source, random_volume(shape=(64, 64, 4)))
+    pydicom_encode(paths[2:3], RLELossless)
+    pydicom_encode(paths[3:], JPEG2000Lossless)
+    write_headless(paths[1], source / "headless", file_meta=False)
+    paths[1].unlink()
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
+    for trial in range(FUZZ_TRIALS):
+        folder = tmp_path / f"trial{trial}"
+        shutil.copytree(source, folder)
+        victim = sorted(folder.iterdir())[trial % 4]
+        data = bytearray(victim.read_bytes())
+        if trial % 3 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        else:  # the header (first 700 bytes) or anywhere
+            end = 700 if trial % 3 == 1 else len(data)
+            for at in rng.integers(0, min(end, len(data)), size=int(rng.integers(1, 16))):
+                data[at] = int(rng.integers(256))
+        victim.write_bytes(bytes(data))
+        try:
+            for volume in find_series(folder)[0]:
+                read_series(volume)
+            outcomes["read"] += 1
+        except InputImageError:
+            outcomes["refused"] += 1
+        shutil.rmtree(folder)
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0, outcomes

@@ -28,7 +28,7 @@ LOSSY_RMS_OF_RANGE = 0.01  # JPEG extended and JPEG 2000: RMS error at most 1 % 
 class Syntax:
     transfer_syntax: str
     encode: Callable[[list], None]
-    pylibjpeg_plugin: str | None  # None: pydicom decodes it natively
+    pylibjpeg_plugin: str | None  # which of pylibjpeg's plugins decodes it; None: pydicom's own code
     max_error_slopes: float | None = 0.0  # max |error| in RescaleSlope units; None: the RMS bound
 
 
@@ -54,7 +54,7 @@ SYNTAXES = {
     "jpeg-ls-near-lossless": Syntax(uid.JPEGLSNearLossless, dcmtk("dcmcjpls", "+en"), "libjpeg", float(JPEG_LS_NEAR)),
     "jpeg2000-lossless": Syntax(uid.JPEG2000Lossless, native(uid.JPEG2000Lossless), "openjpeg"),
     "jpeg2000": Syntax(uid.JPEG2000, native(uid.JPEG2000, j2k_psnr=[80]), "openjpeg", None),
-    "rle-lossless": Syntax(uid.RLELossless, native(uid.RLELossless), "rle"),
+    "rle-lossless": Syntax(uid.RLELossless, native(uid.RLELossless), None),
 }
 
 
@@ -70,7 +70,8 @@ def test_transfer_syntax_is_decoded(tmp_path, name):
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in headers} == {syntax.transfer_syntax}
 
     # The declared plugin decodes it: pydicom is pointed at pylibjpeg, and pylibjpeg at this plugin.
-    assert decoding_plugin(headers[0]) == ("pylibjpeg" if syntax.pylibjpeg_plugin else "")
+    native_plugin = "pydicom" if syntax.transfer_syntax == uid.RLELossless else ""
+    assert decoding_plugin(headers[0]) == ("pylibjpeg" if syntax.pylibjpeg_plugin else native_plugin)
     if syntax.pylibjpeg_plugin:
         assert list(get_pixel_data_decoders(Version.v2)[syntax.transfer_syntax]) == [syntax.pylibjpeg_plugin]
 
