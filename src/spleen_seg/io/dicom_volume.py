@@ -20,22 +20,23 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
 from spleen_seg.errors import InputImageError
-from spleen_seg.io.dicom import (
+from spleen_seg.io.dicom import DicomSeries
+from spleen_seg.io.dicom_files import (
     DICOM_READ_ERRORS,
     DIRECTION_TOLERANCE,
     SLICE_GAP_MIN_TOLERANCE_MM,
-    SPACING_TOLERANCE_MM,
-    DicomSeries,
     gap_tolerance_mm,
     read_dataset,
     slice_hu,
     sop_class_uid,
     sop_instance_uid,
     sort_key,
+    uid_value,
 )
 from spleen_seg.io.nifti import Geometry
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SPACING_TOLERANCE_MM = 1e-3  # PixelSpacing
 # A multi-frame volume's frame positions must land on its grid this closely (in voxels).
 FRAME_ON_GRID_TOLERANCE = 0.01
 # What highdicom raises for a multi-frame file it cannot make a volume of.
@@ -256,7 +257,7 @@ def series_headers(series: DicomSeries) -> list[Dataset]:
         ds.SOPInstanceUID = sop_instance_uid(ds) or generate_uid(entropy_srcs=["SOPInstanceUID", series.series_uid, path.name])
         ds.SOPClassUID = sop_class_uid(ds) or CTImageStorage
         ds.SeriesInstanceUID = series.series_uid
-        ds.StudyInstanceUID = str(ds.get("StudyInstanceUID", "") or "").strip() or study_uid
+        ds.StudyInstanceUID = uid_value(ds, "StudyInstanceUID") or study_uid
     return datasets
 
 

@@ -23,7 +23,8 @@ from synthetic_dicom import (
 )
 
 from spleen_seg.errors import InputImageError
-from spleen_seg.io.dicom import dicom_kind, find_series, is_dicom_folder
+from spleen_seg.io.dicom import find_series, is_dicom_folder
+from spleen_seg.io.dicom_files import dicom_kind
 from spleen_seg.io.dicom_volume import read_series
 
 FUZZ_TRIALS = 60

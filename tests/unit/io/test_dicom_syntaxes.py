@@ -17,7 +17,7 @@ from pydicom import uid
 from pylibjpeg.utils import Version, get_pixel_data_decoders
 from synthetic_dicom import dcmtk_encode, only_series, pydicom_encode, smooth_volume, write_series
 
-from spleen_seg.io.dicom import decoding_plugin
+from spleen_seg.io.dicom_files import decoding_plugin
 from spleen_seg.io.dicom_volume import read_series
 
 JPEG_LS_NEAR = 2  # dcmcjpls +en: near-lossless with NEAR = 2 (dcmtk's default)
