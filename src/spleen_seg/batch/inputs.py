@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from spleen_seg.io.dicom import DicomSeries
 
 
-
 @dataclass(frozen=True)
 class FailedInput:
     """A command-line input that could not be expanded into cases (a folder with no image, no CT series...).
@@ -43,10 +42,11 @@ NOT_FOLDER_NAMES = ("", ".", "..")
 def collect_inputs(inputs: list[str | Path]) -> list[InputItem]:
     """Expand folders into the NIfTI files they hold (sorted); keep files as given.
 
-    A folder holding DICOM files becomes one input per CT series in it (searched
-    recursively); non-CT series are skipped with a logged message. Missing paths are
-    kept so that the batch reports them as failures one by one; a folder that cannot
-    be expanded (no NIfTI file, no CT series, unreadable) becomes a :class:`FailedInput`.
+    A folder holding DICOM files becomes one input per CT volume in it (searched
+    recursively; a series split by acquisition gives several); what is not an axial CT
+    volume is skipped with one logged line each (``io.dicom.find_series``). Missing
+    paths are kept so that the batch reports them as failures one by one; a folder that
+    cannot be expanded (no NIfTI file, no CT series, unreadable) becomes a :class:`FailedInput`.
     """
     found: list[InputItem] = []
     for item in map(Path, inputs):
@@ -64,9 +64,9 @@ def _expand(item: Path) -> list[InputItem]:
         from spleen_seg.io.dicom import find_series, is_dicom_folder
 
         if is_dicom_folder(item):
-            series, skipped = find_series(item)
-            for message in skipped:
-                logger.warning("%s: %s", item, message)
+            series, notices = find_series(item)
+            for notice in notices:
+                logger.log(notice.level, "%s: %s", item, notice.text)
             return list(series)
         files = sorted(p for p in item.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
         if not files:
@@ -87,17 +87,15 @@ def input_source(item: InputItem) -> Path:
 
 
 def input_case_id(item: InputItem) -> str:
-    """Output folder name: NIfTI file name without extension; DICOM folder name + series number (or short UID)."""
+    """Output folder name: NIfTI file name without extension; for DICOM, the folder name,
+    ``s<SeriesNumber>`` (or a short UID) and the part of a split series (``_a2``: AcquisitionNumber 2)."""
     if isinstance(item, FailedInput):
         return _safe_name(case_id(item.path))
     if isinstance(item, Path):
         return case_id(item)
-    import pydicom
-
-    header = pydicom.dcmread(item.files[0], stop_before_pixels=True, specific_tags=["SeriesNumber"])
-    number = header.get("SeriesNumber")
-    suffix = f"s{number}" if number not in (None, "") else item.series_uid.replace(".", "")[-SHORT_UID_CHARS:]
-    return _safe_name(f"{item.folder.name}_{suffix}")
+    suffix = f"s{item.series_number}" if item.series_number else item.series_uid.replace(".", "")[-SHORT_UID_CHARS:]
+    part = f"_{item.part}" if item.part else ""
+    return _safe_name(f"{item.folder.name}_{suffix}{part}")
 
 
 def unique_case_ids(items: list[InputItem]) -> list[str]:
@@ -127,6 +125,6 @@ def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
         raise source.error
     if isinstance(source, Path):
         return read_volume(source)
-    from spleen_seg.io.dicom import read_series
+    from spleen_seg.io.dicom_volume import read_series
 
     return read_series(source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,11 +10,15 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from spleen_seg.io.atomic import atomic_path
-from spleen_seg.io.dicom import DicomSeries, series_headers
+from spleen_seg.io.dicom import DicomSeries
+from spleen_seg.io.dicom_volume import series_headers, source_slice_index
 
 SEG_SERIES_NUMBER = 901
 SEG_SEGMENT_LABEL = "Spleen"
 SEG_MANUFACTURER = "spleen-seg"
+# highdicom logs a dozen INFO lines per SEG ("copy attributes of module ..."), which the
+# CLI would print for every DICOM case among its own one line per case.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, alg
 
     ``mask`` is 0/1 (uint8 or bool) of shape (X, Y, Z) on the grid ``read_series``
     returns for ``series``. Each frame overlays one source slice and references it
-    (ReferencedSOPInstanceUID, plus its ImagePositionPatient); slices where the mask is
+    (ReferencedSOPInstanceUID, or the referenced frame of a multi-frame CT, plus its
+    ImagePositionPatient); slices where the mask is
     empty are omitted, except that an all-empty mask keeps every frame so the SEG stays
     valid. Study, patient and frame of reference are taken from the source images.
     Written atomically; returns ``dest``.
@@ -40,12 +46,14 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, alg
 
     mask = np.asarray(mask)
     datasets = series_headers(series)
-    expected = (int(datasets[0].Columns), int(datasets[0].Rows), len(datasets))
+    slice_index = source_slice_index(series, datasets)
+    expected = (int(datasets[0].Columns), int(datasets[0].Rows), len(slice_index))
     if mask.shape != expected:
         raise ValueError(f"mask shape {mask.shape} differs from the grid (columns, rows, slices) {expected} of series {series.series_uid} in {series.folder}")
     if not np.isin(mask, (0, 1)).all():
         raise ValueError("mask must hold only 0 and 1")
-    frames = np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0))  # (slices, rows, columns)
+    # (source frames, rows, columns): frame f is slice slice_index[f] of the volume.
+    frames = np.ascontiguousarray(mask.astype(np.uint8)[:, :, slice_index].transpose(2, 1, 0))
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEG_SEGMENT_LABEL,

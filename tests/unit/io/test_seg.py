@@ -9,13 +9,17 @@ import pytest
 from synthetic_dicom import (
     REAL_SERIES,
     REAL_SERIES_MASK,
+    dciodvfy,
     mask_on_grid,
     only_series,
     random_volume,
+    smooth_volume,
+    write_multiframe,
     write_series,
 )
 
-from spleen_seg.io.dicom import DicomSeries, find_series, read_series
+from spleen_seg.io.dicom import DicomSeries, find_series
+from spleen_seg.io.dicom_volume import read_series
 from spleen_seg.io.seg import AlgorithmInfo, write_dicom_seg
 
 ALGORITHM = AlgorithmInfo(name="spleen-seg", version="0.1.0", weights_sha256="ab" * 32)
@@ -68,6 +72,8 @@ def test_seg_round_trip_on_synthetic_series(tmp_path):
     _check_seg_header(dest, series, study_uid="1.2.3.77")
     np.testing.assert_array_equal(_decode_seg(dest, series), mask)
     assert [p.name for p in dest.parent.iterdir()] == ["seg.dcm"]
+    errors, _ = dciodvfy(dest)
+    assert errors == []
 
 
 def test_empty_mask_still_gives_a_valid_seg(tmp_path):
@@ -77,6 +83,8 @@ def test_empty_mask_still_gives_a_valid_seg(tmp_path):
     seg = _check_seg_header(dest, series, study_uid="1.2.3.77")
     assert seg.NumberOfFrames == 4
     assert not _decode_seg(dest, series).any()
+    errors, _ = dciodvfy(dest)
+    assert errors == []
 
 
 def test_seg_rejects_a_mask_on_another_grid(tmp_path):
@@ -91,7 +99,7 @@ def real_series() -> tuple[DicomSeries, np.ndarray, object]:
     if not REAL_SERIES.is_dir() or not REAL_SERIES_MASK.exists():
         pytest.skip(f"shared DICOM test data not found: {REAL_SERIES} (only present beside the project checkout)")
     series, messages = find_series(REAL_SERIES)
-    assert len(series) == 1 and messages == []
+    assert len(series) == 1 and "derived UIDs are used instead" in messages[0].text
     array, geo = read_series(series[0])
     return series[0], array, geo
 
@@ -105,5 +113,39 @@ def test_seg_round_trip_on_real_series(real_series, tmp_path):
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == source_uids
     np.testing.assert_array_equal(_decode_seg(dest, series), mask)
+    # The anonymised source lacks Patient ID and Study ID, and carries a private coding
+    # scheme (SECTRA) that the SEG copies: warnings, not errors.
+    errors, warnings = dciodvfy(dest)
+    assert errors == [] and len(warnings) <= 3, warnings
+
+
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_seg_of_a_multiframe_ct_references_its_frames(tmp_path, enhanced):
+    """Legacy Converted Enhanced CT (frames in decreasing position) or Enhanced CT: frame f of the
+    SEG lies on and references the source frame holding the same slice."""
+    paths = write_series(tmp_path / "ct", smooth_volume(shape=(24, 20, 5)), study_uid="1.2.3.77")
+    source = write_multiframe(tmp_path / "mf" / "ct.dcm", paths, enhanced=enhanced)
+    series = only_series(source.parent)
+    image, geometry = read_series(series)
+    mask = np.zeros(image.shape, dtype=np.uint8)
+    mask[3:9, 4:12, 1:4] = 1
+    mask[0, 0, 0] = 1
+    dest = write_dicom_seg(mask, series, tmp_path / "seg.dcm", ALGORITHM)
+    seg = pydicom.dcmread(dest)
+    source_ds = pydicom.dcmread(source, stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+    decoded = np.zeros_like(mask)
+    frames = seg.pixel_array.reshape(-1, *mask.shape[1::-1])
+    inverse = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine_ras)
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        source_frame = source_ds.PerFrameFunctionalGroupsSequence[int(reference.ReferencedFrameNumber) - 1]
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        np.testing.assert_allclose(position, np.asarray(source_frame.PlanePositionSequence[0].ImagePositionPatient, float))
+        k = int(round((inverse @ [*position, 1.0])[2]))
+        decoded[:, :, k] = frame.T
+    np.testing.assert_array_equal(decoded, mask)
+    errors, _ = dciodvfy(dest)
+    assert errors == []
 
 

@@ -179,7 +179,8 @@ def test_real_ct_passes_and_msd_flipped_header_is_flagged(real_ct, real_ct_mask)
 
 
 def test_real_dicom_series_passes_the_check(real_ct):
-    from spleen_seg.io.dicom import find_series, read_series
+    from spleen_seg.io.dicom import find_series
+    from spleen_seg.io.dicom_volume import read_series
 
     folder = real_ct.parent / "dicom_series"
     shared_mask = nib.load(str(real_ct.parent / "dicom_series_spleen.nii.gz"))
