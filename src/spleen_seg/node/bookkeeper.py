@@ -75,7 +75,7 @@ def open_for_status(spool_dir: Path) -> JobTable:
                         "spleen-seg serve")
     if not os.access(db, os.R_OK):
         raise NodeError(f"{db}: not readable by this user (the spool is owner-only); run as the user the node runs as")
-    return JobTable(db)
+    return JobTable(db, create=False)
 
 
 def node_pid(spool_dir: Path) -> int | None:

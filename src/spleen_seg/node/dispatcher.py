@@ -55,9 +55,12 @@ def cstore(target: str, calling_ae: str, datasets: list[Dataset]) -> list[str | 
         ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
-            else "no connection (refused or timed out)"
-        return [f"{reason} by {target}"] * len(datasets)
+        if assoc.is_rejected:
+            reason = getattr(assoc.acceptor.primitive, "reason_str", "") or "no reason given"
+            error = f"association rejected by {target} ({reason})"
+        else:
+            error = f"no association with {target} (no connection: refused, timed out or aborted)"
+        return [error] * len(datasets)
     errors: list[str | None] = []
     try:
         for ds in datasets:

@@ -165,7 +165,12 @@ def _result(row: sqlite3.Row) -> Result:
 class JobTable:
     """The job table of one spool; thread-safe (one connection, one lock: every call is short)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, create: bool = True):
+        """Open (``create``: and create or check the schema of) the job table at ``path``.
+
+        ``create=False`` only reads an existing table, as the status command does while
+        the node writes it (WAL: readers never wait for the writer).
+        """
         self.path = Path(path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -175,6 +180,8 @@ class JobTable:
         # FULL: each commit is fsync'd, so an acknowledged instance survives a power cut too.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        if not create:
+            return
         with self._transaction():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
