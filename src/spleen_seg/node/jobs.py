@@ -155,11 +155,11 @@ class NewInstance:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(**{key: row[key] for key in row.keys()})
+    return Job(**dict(row))
 
 
 def _result(row: sqlite3.Row) -> Result:
-    return Result(**{key: row[key] for key in row.keys()})
+    return Result(**dict(row))
 
 
 class JobTable:

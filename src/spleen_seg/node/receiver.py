@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, generate_uid
@@ -31,9 +32,13 @@ from spleen_seg.node.jobs import JobTable, NewInstance
 from spleen_seg.node.settings import NodeSettings, TlsFiles
 from spleen_seg.node.spool import Spool
 
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
 logger = logging.getLogger(__name__)
 
 STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # C-ECHO
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -122,7 +127,7 @@ class Receiver:
         self.spool = spool
         self.table = table
         self.clock = clock
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
 
@@ -136,17 +141,16 @@ class Receiver:
     def start(self) -> None:
         """Bind and listen; raises ``NodeError`` when the address is taken or not allowed."""
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
         ae.require_calling_aet = list(self.settings.allowed_callers)
         ae.require_called_aet = True
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended)]
         context = server_ssl_context(self.settings.tls) if self.settings.tls else None

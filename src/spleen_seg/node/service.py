@@ -8,6 +8,7 @@ from whatever stopped the previous run, SIGKILL included (see ``recover``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -37,10 +38,21 @@ QUIET_LOGGERS = ("pynetdicom", "highdicom")
 LOG_FORMAT = "%(asctime)s level=%(levelname)s %(message)s"
 
 
+class _StructuredLines(logging.Filter):
+    """Lines from elsewhere (pynetdicom's connection errors, the model export) in the node's structured form."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(logger.name):
+            record.msg = f"event=log logger={record.name} message={json.dumps(record.getMessage())}"
+            record.args = ()
+        return True
+
+
 def configure_logging() -> None:
     """Timestamped structured lines on the handlers the CLI set up; library chatter to warnings."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(_StructuredLines())
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
