@@ -75,12 +75,12 @@ def test_series_from_storescu_comes_back_as_one_seg_of_its_mask(setup, tmp_path)
     assert referenced_instances(seg) == {str(ds.SOPInstanceUID) for ds in sources}
     job = wait_until(lambda: job_for(node, series_uid)["state"] == "done" and job_for(node, series_uid),
                      10, "job done")
-    assert (job["instances"], job["attempts"], job["results_sent"]) == (48, 1, 1)
+    assert (job["instances"], job["attempts"], job["results_sent"]) == (len(files), 1, 1)
     # The SEG holds the mask the node wrote beside it (the segment pipeline's NIfTI, LPS voxel order here).
     nifti = nib.load(node.spool / "results" / f"job-{job['id']:06d}" / "spleen.nii.gz")
     mask = np.asarray(nifti.dataobj)
     np.testing.assert_array_equal(seg_mask(seg, sources), mask)
-    assert mask.sum() > 1000  # the phantom's spleen was found
+    assert mask.sum() > 500  # the phantom's spleen was found
 
 
 def test_non_ct_sop_class_is_refused_and_the_node_serves_on(setup, tmp_path):

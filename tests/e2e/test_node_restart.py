@@ -32,8 +32,8 @@ QUIET_SECONDS = 2.0
 RESULT_TIMEOUT_S = 120.0
 STATE_TIMEOUT_S = 90.0
 # Mid-transfer: kill once this many instances of series 2 are acknowledged.
-KILL_AFTER_INSTANCES = 12
-SERIES_INSTANCES = 48
+KILL_AFTER_INSTANCES = 10
+SERIES_INSTANCES = 32  # node_harness.PHANTOM_SHAPE
 
 
 def job(node: Node, series_uid: str, index: int = -1) -> dict | None:
