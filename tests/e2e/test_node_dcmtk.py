@@ -110,3 +110,27 @@ def test_corrupt_instance_fails_its_job_with_the_reason_and_the_next_series_is_s
     wait_until(lambda: segs_for(receiver, good_uid), RESULT_TIMEOUT_S, "the good series' SEG")
     assert segs_for(receiver, corrupt_uid) == []
     node.wait_for_log(f"event=job job={failed['id']} state=failed", 5)
+
+
+def test_anonymised_series_without_study_and_series_uids_is_processed_under_derived_ones(setup, tmp_path):
+    """Study and Series Instance UIDs blank, as in the shared real series. (Its blank SOP Class
+    and SOP Instance UIDs cannot travel: storescu finds no presentation context for them and
+    Orthanc refuses them; a C-STORE without a SOP Instance UID is refused by the node.)"""
+    node, receiver, _ = setup
+    files = phantom_series(tmp_path / "anonymised", seed=5)
+    sop_uids = set()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+        ds.save_as(path)
+        sop_uids.add(str(ds.SOPInstanceUID))
+    sent = storescu(node.port, files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    def seg_of_these() -> list[pydicom.Dataset]:
+        return [ds for ds in receiver.received(SegmentationStorage) if referenced_instances(ds) == sop_uids]
+
+    (seg,) = wait_until(seg_of_these, RESULT_TIMEOUT_S, "the SEG of the anonymised series")
+    (job,) = [j for j in node.jobs() if j["study_uid"] == ""]
+    assert job["instances"] == len(files) and pydicom.uid.UID(job["series_key"]).is_valid
+    assert pydicom.uid.UID(seg.StudyInstanceUID).is_valid  # derived, as segment derives it
