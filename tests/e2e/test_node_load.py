@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 from node_harness import (

@@ -39,14 +39,6 @@ class FakeSender:
         return ["no connection" if target in self.down else None for _ in datasets]
 
 
-@pytest.fixture
-def setup(tmp_path):
-    spool = Spool(tmp_path / "spool").create()
-    table = JobTable(spool.db_path)
-    yield spool, table
-    table.close()
-
-
 def queue_job(spool: Spool, table: JobTable, targets, now: float, kinds=("seg",)) -> int:
     """A job that finished processing with one small DICOM file per kind."""
     uid = f"1.2.{len(table.jobs()) + 1}"
@@ -72,8 +64,8 @@ def test_backoff_doubles_from_two_seconds_and_is_capped():
     assert backoff_seconds(30) == BACKOFF_MAX_SECONDS
 
 
-def test_failed_send_is_retried_with_backoff_until_the_target_is_back(setup):
-    spool, table = setup
+def test_failed_send_is_retried_with_backoff_until_the_target_is_back(spool_and_table):
+    spool, table = spool_and_table
     clock, sender = FakeClock(), FakeSender()
     job = queue_job(spool, table, [TARGET], clock.now - 20)
     sender.down.add(TARGET)
@@ -96,8 +88,8 @@ def test_failed_send_is_retried_with_backoff_until_the_target_is_back(setup):
     assert len(sender.calls) == 3  # nothing is sent twice
 
 
-def test_each_target_gets_one_association_with_all_due_files(setup):
-    spool, table = setup
+def test_each_target_gets_one_association_with_all_due_files(spool_and_table):
+    spool, table = spool_and_table
     clock, sender = FakeClock(), FakeSender()
     job = queue_job(spool, table, [TARGET, OTHER], clock.now - 20, kinds=("seg", "sr", "sc"))
     sender.down.add(OTHER)
@@ -110,8 +102,8 @@ def test_each_target_gets_one_association_with_all_due_files(setup):
     assert done.id == job and sender.calls[-1][0] == OTHER
 
 
-def test_missing_result_file_fails_its_job(setup):
-    spool, table = setup
+def test_missing_result_file_fails_its_job(spool_and_table):
+    spool, table = spool_and_table
     clock, sender = FakeClock(), FakeSender()
     job = queue_job(spool, table, [TARGET], clock.now - 20)
     (spool.root / table.results(job)[0].path).unlink()

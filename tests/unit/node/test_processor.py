@@ -58,16 +58,8 @@ def receive_series(spool: Spool, table: JobTable, folder: Path, hu: np.ndarray, 
     return str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
 
 
-@pytest.fixture
-def node(tmp_path):
-    spool = Spool(tmp_path / "spool").create()
-    table = JobTable(spool.db_path)
-    yield spool, table
-    table.close()
-
-
-def test_processed_series_queues_a_seg_equal_to_the_mask(node, tmp_path):
-    spool, table = node
+def test_processed_series_queues_a_seg_equal_to_the_mask(spool_and_table, tmp_path):
+    spool, table = spool_and_table
     series_uid = receive_series(spool, table, tmp_path / "ct", phantom())
     job = process_next(table, spool, loaded(ThresholdSegmenter(), False), NodeSettings(spool=spool.root),
                        clock=lambda: 300.0)
@@ -80,8 +72,8 @@ def test_processed_series_queues_a_seg_equal_to_the_mask(node, tmp_path):
     assert int(frames.sum()) == 6 * 5 * 4
 
 
-def test_send_report_adds_volume_sr_and_secondary_capture_in_the_source_study(node, tmp_path):
-    spool, table = node
+def test_send_report_adds_volume_sr_and_secondary_capture_in_the_source_study(spool_and_table, tmp_path):
+    spool, table = spool_and_table
     receive_series(spool, table, tmp_path / "ct", phantom())
     settings = NodeSettings(spool=spool.root, send_report=True, stow_url="http://pacs/dicom-web")
     job = process_next(table, spool, loaded(ThresholdSegmenter(), True), settings, clock=lambda: 300.0)
@@ -101,16 +93,16 @@ def test_send_report_adds_volume_sr_and_secondary_capture_in_the_source_study(no
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.Rows > 100
 
 
-def test_series_that_cannot_be_read_fails_its_job_with_the_reason(node, tmp_path):
-    spool, table = node
+def test_series_that_cannot_be_read_fails_its_job_with_the_reason(spool_and_table, tmp_path):
+    spool, table = spool_and_table
     receive_series(spool, table, tmp_path / "ct", phantom()[:, :, :1])
     job = process_next(table, spool, loaded(ThresholdSegmenter(), False), NodeSettings(spool=spool.root),
                        clock=lambda: 300.0)
     assert job.state == FAILED and "a single slice is not a 3D volume" in job.last_error
 
 
-def test_crash_in_the_pipeline_fails_that_job_and_the_next_is_processed(node, tmp_path):
-    spool, table = node
+def test_crash_in_the_pipeline_fails_that_job_and_the_next_is_processed(spool_and_table, tmp_path):
+    spool, table = spool_and_table
     receive_series(spool, table, tmp_path / "a", phantom())
     crashed = process_next(table, spool, loaded(CrashingSegmenter(), False), NodeSettings(spool=spool.root),
                            clock=lambda: 300.0)
