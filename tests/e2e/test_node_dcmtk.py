@@ -94,9 +94,10 @@ def test_non_ct_sop_class_is_refused_and_the_node_serves_on(setup, tmp_path):
     assert echoscu(node.port).returncode == 0
 
 
-def test_corrupt_instance_fails_its_job_with_the_reason_and_the_next_series_is_served(setup, tmp_path):
+def test_corrupt_instance_fails_its_job_the_next_series_is_served_and_a_resend_retries(setup, tmp_path):
     node, receiver, _ = setup
     corrupt = phantom_series(tmp_path / "corrupt", seed=2)
+    intact = corrupt[10].read_bytes()
     ds = pydicom.dcmread(corrupt[10])
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # half a slice: undecodable
     ds.save_as(corrupt[10])
@@ -110,6 +111,11 @@ def test_corrupt_instance_fails_its_job_with_the_reason_and_the_next_series_is_s
     wait_until(lambda: segs_for(receiver, good_uid), RESULT_TIMEOUT_S, "the good series' SEG")
     assert segs_for(receiver, corrupt_uid) == []
     node.wait_for_log(f"event=job job={failed['id']} state=failed", 5)
+    # The sender corrects the instance and sends the series again: the failed series is retried.
+    corrupt[10].write_bytes(intact)
+    assert storescu(node.port, corrupt).returncode == 0
+    (seg,) = wait_until(lambda: segs_for(receiver, corrupt_uid), RESULT_TIMEOUT_S, "the retried series' SEG")
+    assert referenced_instances(seg) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in corrupt}
 
 
 def test_anonymised_series_without_study_and_series_uids_is_processed_under_derived_ones(setup, tmp_path):

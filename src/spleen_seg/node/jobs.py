@@ -4,7 +4,8 @@ One SQLite database in the spool (WAL journal, ``synchronous=FULL``: a committed
 transaction survives a kill and a power cut). Three tables:
 
 - ``instances``: one row per received SOP Instance UID (the key that makes a resent
-  instance a duplicate), its series and its spool file (NULL once retention removed it);
+  instance a duplicate, unless its job failed: resending a failed series retries it), its
+  series, its job and its spool file (NULL once retention removed it);
 - ``jobs``: one row per processing of a series. A series' first instance opens a job in
   ``receiving``; later instances join it while it is ``receiving`` or ``complete``; an
   instance arriving once it is ``segmenting`` or later opens a new job (the series is
@@ -216,16 +217,29 @@ class JobTable:
     def has_instance(self, sop_instance_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)))
 
+    def is_duplicate(self, sop_instance_uid: str) -> bool:
+        """True when the instance was received before and its job did not fail.
+
+        An instance of a failed job counts as new (it is written again and its series is
+        processed anew): sending a failed series again retries it, with whatever the
+        sender corrected.
+        """
+        rows = self._query("SELECT j.state FROM instances i JOIN jobs j ON j.id = i.job_id "
+                           "WHERE i.sop_instance_uid = ?", (sop_instance_uid,))
+        return bool(rows) and rows[0][0] != FAILED
+
     def record_instance(self, item: NewInstance, now: float) -> Job | None:
         """Record a durable instance; returns the job it joined or opened, None for a duplicate.
 
-        A duplicate (SOP Instance UID already received) changes nothing, except that it
-        keeps a series still being received from completing mid-transfer.
+        A duplicate (see ``is_duplicate``) changes nothing, except that it keeps a series
+        still being received from completing mid-transfer.
         """
         with self._transaction() as db:
             latest = db.execute("SELECT * FROM jobs WHERE series_key = ? ORDER BY id DESC LIMIT 1",
                                 (item.series_key,)).fetchone()
-            if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (item.sop_instance_uid,)).fetchone():
+            previous = db.execute("SELECT j.state FROM instances i JOIN jobs j ON j.id = i.job_id "
+                                  "WHERE i.sop_instance_uid = ?", (item.sop_instance_uid,)).fetchone()
+            if previous is not None and previous["state"] != FAILED:
                 if latest is not None and latest["state"] == RECEIVING:
                     db.execute("UPDATE jobs SET last_instance_at = ?, updated_at = ? WHERE id = ?",
                                (now, now, latest["id"]))
@@ -241,8 +255,8 @@ class JobTable:
                     (item.series_key, item.study_uid, RECEIVING, item.calling_ae, now, now, now),
                 ).lastrowid
             db.execute(
-                "INSERT INTO instances (sop_instance_uid, series_key, job_id, path, sop_class_uid, transfer_syntax, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_key, job_id, path, sop_class_uid, "
+                "transfer_syntax, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (item.sop_instance_uid, item.series_key, job_id, item.path, item.sop_class_uid, item.transfer_syntax, now))
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 

@@ -255,7 +255,7 @@ class Receiver:
             log_event(logger, "instance", result="refused", calling_ae=calling, reason="no SOP Instance UID",
                       level=logging.WARNING)
             return STATUS_CANNOT_UNDERSTAND, record.series_key, False
-        if self.table.has_instance(sop_uid):
+        if self.table.is_duplicate(sop_uid):
             self.table.record_instance(record, self.clock())  # a duplicate only delays completion
             return STATUS_SUCCESS, record.series_key, True
         free = shutil.disk_usage(self.spool.root).free

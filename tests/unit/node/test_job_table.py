@@ -192,3 +192,16 @@ def test_expired_series_and_purge_keep_uids(table):
     table.mark_purged("1.2.3")
     assert table.series_paths("1.2.3") == [] and table.has_instance("1.1")
     assert table.expired_series(cutoff=1000.0) == {}
+
+
+def test_resending_a_failed_series_retries_it_with_the_new_files(table):
+    receive(table, ["1.1", "1.2"], now=100.0)
+    table.complete_quiet(now=110.0, quiet_seconds=QUIET)
+    job = table.claim_next(now=111.0)
+    table.fail(job.id, "cannot decode the pixels of 1.2", now=112.0)
+    assert not table.is_duplicate("1.2")
+    retried = [table.record_instance(instance(uid), 200.0) for uid in ("1.1", "1.2")]
+    assert [j.id for j in retried] == [2, 2] and retried[-1].instances == 2
+    assert table.is_duplicate("1.2")  # now part of the retry, which has not failed
+    assert len(table.series_paths("1.2.3")) == 2  # one row per instance, not two
+    assert table.job(job.id).state == FAILED  # the failed attempt stays in the history
