@@ -46,6 +46,18 @@ def segs(receiver: Storescp, series_uid: str) -> list[pydicom.Dataset]:
             if ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid]
 
 
+def note(node: Node, what: str) -> None:
+    """A line of the test's own in the node's log, which the report quotes."""
+    with open(node.log, "a") as log:
+        log.write(f"----- test: {what} -----\n")
+
+
+def kill(node: Node, what: str) -> None:
+    """SIGKILL the node and say so in its log (a killed process writes nothing more)."""
+    node.kill()
+    note(node, what)
+
+
 def test_sigkill_at_each_stage_loses_nothing_and_sends_each_seg_once(tmp_path):
     need_binaries("storescu", "storescp", "echoscu")
     warm_model_cache()
@@ -60,7 +72,7 @@ def test_sigkill_at_each_stage_loses_nothing_and_sends_each_seg_once(tmp_path):
         assert storescu(port, series1).returncode == 0
         first = job(node, uid1)
         assert first["state"] in ("receiving", "complete") and first["instances"] == SERIES_INSTANCES
-        node.kill()
+        kill(node, "SIGKILL 1: series 1 received and acknowledged, not yet complete")
 
         # 2. Destination down: series 1 processed, its SEG waits; killed in the middle of series 2's transfer.
         node = Node(spool, port, log, *flags)
@@ -69,10 +81,11 @@ def test_sigkill_at_each_stage_loses_nothing_and_sends_each_seg_once(tmp_path):
         transfer = start_storescu(port, series2, tmp_path / "storescu2.log", nagle=True)
         wait_until(lambda: (j := job(node, uid2)) and j["instances"] >= KILL_AFTER_INSTANCES, STATE_TIMEOUT_S,
                    "part of series 2 to arrive")
-        node.kill()
+        kill(node, "SIGKILL 2: series 1 waiting to be sent (destination down), series 2 in mid-transfer")
         assert transfer.stop() != 0  # the sender saw the association die
         acknowledged = job(node, uid2)["instances"]
         assert KILL_AFTER_INSTANCES <= acknowledged < SERIES_INSTANCES
+        note(node, f"series 2: {acknowledged} of {SERIES_INSTANCES} instances acknowledged before the kill")
 
         # 3. Destination back: series 1's SEG goes out; series 2 resent in full, killed while segmenting.
         receiver = Storescp(tmp_path / "received", receiver_port, tmp_path / "storescp.log")
@@ -82,11 +95,12 @@ def test_sigkill_at_each_stage_loses_nothing_and_sends_each_seg_once(tmp_path):
         assert resent.returncode == 0, resent.stderr
         wait_until(lambda: (j := job(node, uid2)) and j["state"] == "segmenting", STATE_TIMEOUT_S,
                    "series 2 to be segmenting")
-        node.kill()
+        kill(node, "SIGKILL 3: series 2 segmenting (destination up, series 1 sent)")
 
         # 4. Restart: series 2 processed again and sent; series 1 resent: duplicates only.
         node = Node(spool, port, log, *flags)
         wait_until(lambda: segs(receiver, uid2), RESULT_TIMEOUT_S, "series 2's SEG")
+        note(node, "series 1 sent again in full")
         assert storescu(port, series1).returncode == 0
         # A duplicate is recognised on receipt, before its C-STORE is answered: no job can follow.
         node.wait_for_log(f"stored=0 duplicates={SERIES_INSTANCES}", 10)
