@@ -133,7 +133,13 @@ def send_due(table: JobTable, spool: Spool, settings: NodeSettings, clock: Calla
         if not readable:
             continue
         start = time.monotonic()
-        errors = sender(target, [ds for _, ds in readable])
+        try:
+            errors = sender(target, [ds for _, ds in readable])
+        # Whatever breaks a send (a library error on an odd peer response), the results must
+        # get their retry time, not be retried in a tight loop: record it as this send's error.
+        except Exception as err:  # noqa: BLE001
+            logger.exception("sending to %s failed", target)
+            errors = [f"sending failed: {err.__class__.__name__}: {err}"] * len(readable)
         now = clock()
         for (result, _), error in zip(readable, errors, strict=True):
             if error is None:

@@ -153,3 +153,17 @@ def test_cstore_refused_sop_class_is_an_error_per_file(storage_scp, tmp_path):
     (error,) = cstore(target, "SPLEENSEG", mr)
     assert error is not None and received == []
 
+
+
+def test_sender_that_raises_schedules_a_retry(spool_and_table):
+    spool, table = spool_and_table
+    clock = FakeClock()
+    job = queue_job(spool, table, [TARGET], clock.now - 20)
+
+    def broken(target, datasets):
+        raise AttributeError("'NoneType' object has no attribute 'Status'")
+
+    send_due(table, spool, settings(spool), clock, broken)
+    (result,) = table.results(job)
+    assert result.attempts == 1 and result.next_attempt_at == clock.now + 2.0
+    assert result.last_error == "sending failed: AttributeError: 'NoneType' object has no attribute 'Status'"
