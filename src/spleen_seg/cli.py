@@ -160,7 +160,88 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
+    _add_node_commands(sub, quiet)
     return parser
+
+
+def _node_value(parse):
+    """An argparse ``type=`` from a ``node.settings`` parser (its NodeError becomes a flag error)."""
+    def convert(value: str):
+        from spleen_seg.errors import NodeError
+
+        try:
+            return parse(value)
+        except NodeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = parse.__name__.removeprefix("parse_")
+    return convert
+
+
+def _seconds_or_days(value: str, minimum: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{value}'") from None
+    if not minimum <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    return _seconds_or_days(value, 0.0)
+
+
+def _quiet_seconds(value: str) -> float:
+    from spleen_seg.node.settings import MIN_QUIET_SECONDS
+
+    return _seconds_or_days(value, MIN_QUIET_SECONDS)
+
+
+def _add_node_commands(sub, quiet: argparse.ArgumentParser) -> None:
+    from spleen_seg.node import settings as node
+
+    serve = sub.add_parser("serve", parents=[quiet], help="run a DICOM node: receive CT series from a PACS, "
+                           "segment them, send the DICOM SEG back")
+    serve.add_argument("--spool", type=Path, required=True,
+                       help="folder for received instances, results and the job table (created, owner-only)")
+    serve.add_argument("--ae-title", type=_node_value(node.parse_ae_title), default=node.DEFAULT_AE_TITLE,
+                       help=f"this node's AE title (default {node.DEFAULT_AE_TITLE})")
+    serve.add_argument("--host", default=node.DEFAULT_HOST, help=f"address to listen on (default {node.DEFAULT_HOST}: all)")
+    serve.add_argument("--port", type=_node_value(node.parse_port), default=node.DEFAULT_PORT,
+                       help=f"DICOM port (default {node.DEFAULT_PORT})")
+    serve.add_argument("--allowed-callers", type=_node_value(node.parse_ae_list), default=(), metavar="AE1,AE2",
+                       help="accept associations only from these calling AE titles (default: any)")
+    serve.add_argument("--max-associations", type=_positive_int, default=node.DEFAULT_MAX_ASSOCIATIONS,
+                       help=f"simultaneous incoming associations (default {node.DEFAULT_MAX_ASSOCIATIONS})")
+    serve.add_argument("--quiet-seconds", type=_quiet_seconds, default=node.DEFAULT_QUIET_SECONDS,
+                       help="a series is complete when none of its instances arrived for this long "
+                            f"(default {node.DEFAULT_QUIET_SECONDS:g})")
+    serve.add_argument("--destination", dest="destinations", type=_node_value(node.parse_destination),
+                       action="append", default=[], metavar="AE@HOST:PORT",
+                       help="send results here by C-STORE (repeatable), e.g. ORTHANC@pacs:4242")
+    serve.add_argument("--stow-url", type=_node_value(node.parse_stow_url), metavar="URL",
+                       help="also send results by STOW-RS to this DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    serve.add_argument("--send-report", action="store_true",
+                       help="also send the spleen volume as a DICOM SR (TID 1500) and the preview as a Secondary Capture")
+    serve.add_argument("--keep-days", type=_non_negative_float, default=node.DEFAULT_KEEP_DAYS,
+                       help="delete a series' files this many days after it was done or failed "
+                            f"(default {node.DEFAULT_KEEP_DAYS:g}; 0: at once)")
+    serve.add_argument("--tls-cert", type=_existing_file, help="PEM certificate: accept DICOM over TLS only")
+    serve.add_argument("--tls-key", type=_existing_file, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed")
+    serve.add_argument("--weights", type=_existing_file,
+                       help="state dict or TorchScript; default: the cached official weights")
+    serve.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
+    serve.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    serve.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
+                       help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
+    serve.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+
+    status = sub.add_parser("status", parents=[quiet], help="show a DICOM node's job table: what happened to "
+                            "each received series")
+    status.add_argument("--spool", type=_existing_dir, required=True, help="the --spool folder of spleen-seg serve")
+    status.add_argument("--json", action="store_true", help="machine-readable output (every job and result)")
+    status.add_argument("--limit", type=_positive_int, help="show only the newest N jobs")
 
 
 def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,8 +370,28 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """``serve`` runs the node; ``status`` prints its job table."""
+    if args.command == "status":
+        from spleen_seg.node.bookkeeper import print_status
+
+        print(print_status(args.spool, as_json=args.json, limit=args.limit))
+        return 0
+    from spleen_seg.node.service import serve
+    from spleen_seg.node.settings import NodeSettings, check_tls
+
+    settings = NodeSettings(
+        spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
+        allowed_callers=tuple(args.allowed_callers), max_associations=args.max_associations,
+        quiet_seconds=args.quiet_seconds, destinations=tuple(args.destinations), stow_url=args.stow_url,
+        send_report=args.send_report, keep_days=args.keep_days, tls=check_tls(args.tls_cert, args.tls_key, args.tls_ca),
+        weights=args.weights, weights_convention=args.weights_convention, device=args.device, backend=args.backend,
+        largest_component=args.largest_component)
+    return serve(settings)
+
+
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights}
+            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,3 +30,7 @@ class DownloadError(SpleenSegError):
 
 class WeightsError(SpleenSegError):
     """A weights file is missing, unreadable or does not fit the network."""
+
+
+class NodeError(SpleenSegError):
+    """The DICOM node cannot start or run as asked (port in use, spool locked, bad destination)."""
