@@ -7,12 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPLEEN_SEG_SHARED", REPO_ROOT.parent / "shared"))
-REAL_CT = SHARED / "data" / "real_ct" / "ct_abdomen_3mm.nii.gz"
-REAL_CT_MASK = SHARED / "data" / "real_ct" / "ct_abdomen_3mm_spleen.nii.gz"
-YARDSTICK = SHARED / "models" / "yardstick.pt"
+from shared_data import REAL_CT, REAL_CT_MASK, YARDSTICK
 
 # Two CPU cores: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

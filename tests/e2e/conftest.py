@@ -3,55 +3,26 @@ weights as an fp32 state dict, and a runner for CLI and bundle commands in fresh
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from phantoms import save_nifti, small_phantom
 
 from spleen_seg.pipeline.network import demo_weights_path
-from spleen_seg.training.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 
-# test_real_ct.py reads the shared-data paths with `from conftest import ...`, and with this
-# file present that name resolves to this module: re-export them from tests/conftest.py.
-_spec = importlib.util.spec_from_file_location("_spleen_seg_tests_conftest", REPO / "tests" / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_root_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root_conftest)
-REAL_CT, REAL_CT_MASK, YARDSTICK = _root_conftest.REAL_CT, _root_conftest.REAL_CT_MASK, _root_conftest.YARDSTICK
-
-# Small phantoms keep a CPU epoch at seconds. At this geometry (240 x 240 x 192 mm) seeds 1-5
-# hold the whole spleen (108-283 mL) at least 7 voxels away from every border.
-PHANTOM_SHAPE = (96, 96, 48)
-PHANTOM_SPACING_MM = (2.5, 2.5, 4.0)
 DATASET_SEEDS = (1, 2, 3, 4, 5)
 # Cases cycle through the orientations so evaluation inverts every kind of reorientation.
 DATASET_ORIENTATIONS = ("RAS", "LPS", "LAS")
 COMMAND_TIMEOUT_S = 300
 OUTPUT_TAIL_CHARS = 6000
-
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Write ``array`` with ``affine`` as sform and qform (code 1), as the MSD files are."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_data_dtype(array.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
-
-
-def small_phantom(seed: int, orientation: str):
-    return make_phantom(seed, shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING_MM, orientation=orientation)
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,18 @@ import contextlib
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from shared_data import REAL_CT, YARDSTICK
 
 from spleen_seg.cli import main
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.training.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import REAL_CT, YARDSTICK  # noqa: E402
 
 DICOM_FOLDER = REAL_CT.parent / "dicom_series"
 PHANTOM_SEED = 11

@@ -27,12 +27,10 @@ from pydicom.uid import (
     XRayRadiationDoseSRStorage,
     generate_uid,
 )
+from shared_data import REAL_SERIES, REAL_SERIES_MASK  # noqa: F401 (re-exported for the DICOM tests)
 
 from spleen_seg.io.dicom import DicomSeries, find_series
 
-SHARED = Path(os.environ.get("SPLEEN_SEG_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-REAL_SERIES = SHARED / "data" / "real_ct" / "dicom_series"
-REAL_SERIES_MASK = SHARED / "data" / "real_ct" / "dicom_series_spleen.nii.gz"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 SPACING = (0.8, 0.7, 2.0)  # between columns, between rows, between slices
