@@ -7,6 +7,7 @@ for the exact savings).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +20,21 @@ from spleen_seg.config import RECIPE, Recipe
 from spleen_seg.io.nifti import Geometry
 from spleen_seg.pipeline.backends import Runner, make_runner, resolve_backend
 from spleen_seg.pipeline.memory import require_case_memory
-from spleen_seg.pipeline.resample import Reorientation, index_box, resample_linear, spacing_grid
+from spleen_seg.pipeline.resample import (
+    RESAMPLE_CHUNK_BYTES,
+    Reorientation,
+    index_box,
+    pass_order,
+    resample_linear,
+    spacing_grid,
+)
 from spleen_seg.pipeline.windows import WindowStats, spleen_margin
 
 logger = logging.getLogger(__name__)
 
 FLAG_CUDA_OOM = "cuda_out_of_memory"
+# The inversion interpolates the spleen's box in slabs of at most this many voxels.
+INVERT_SLAB_VOXELS = RESAMPLE_CHUNK_BYTES // 4
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -195,10 +205,14 @@ class Segmenter:
 def _positive_box(margin) -> tuple[list[int], list[int]] | None:
     """(first, last) index per axis of the voxels with a positive margin; None if there are none."""
     if isinstance(margin, np.ndarray):
-        index = np.nonzero(margin > 0)
-        if index[0].size == 0:
+        # Per-axis projections of the sign: no index arrays, which a network marking much
+        # of the volume would make 24 bytes per positive voxel.
+        positive = margin > 0
+        spans = [np.flatnonzero(positive.any(axis=tuple(a for a in range(positive.ndim) if a != axis)))
+                 for axis in range(positive.ndim)]
+        if spans[0].size == 0:
             return None
-        return [int(ix.min()) for ix in index], [int(ix.max()) for ix in index]
+        return [int(span[0]) for span in spans], [int(span[-1]) for span in spans]
     import torch
 
     found = torch.nonzero(margin > 0)
@@ -238,9 +252,17 @@ def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], r
     dst_shape = tuple(b.stop - b.start for b in dst_box)
     if min(dst_shape) <= 0:
         return mask
-    # Map destination voxels into the crop's index space (border padding as MONAI).
-    values = resample_linear(probs, crop_affine, ras_affine, dst_shape, tuple(b.start for b in dst_box))
-    mask[dst_box] = values > 0
+    # Map destination voxels into the crop's index space (border padding as MONAI), in
+    # slabs along the axis interpolated first (so each slab's later passes stay slab-sized),
+    # with the whole box's pass order: every voxel is computed as in one call.
+    order = pass_order(tuple(probs.shape), dst_shape)
+    axis = order[0]
+    depth = max(1, INVERT_SLAB_VOXELS * dst_shape[axis] // math.prod(dst_shape))
+    for first in range(dst_box[axis].start, dst_box[axis].stop, depth):
+        slab = tuple(slice(first, min(first + depth, b.stop)) if a == axis else b for a, b in enumerate(dst_box))
+        values = resample_linear(probs, crop_affine, ras_affine, tuple(b.stop - b.start for b in slab),
+                                 tuple(b.start for b in slab), order=order)
+        mask[slab] = values > 0
     return mask
 
 
