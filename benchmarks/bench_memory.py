@@ -117,15 +117,19 @@ print(json.dumps({"before": before, "peak": peak}))
 
 
 def synthetic_ct(dest: Path, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]) -> Path:
-    """An int16 CT-like volume: air around a soft-tissue cylinder holding a brighter ellipsoid."""
+    """An int16 CT-like volume: air around a soft-tissue cylinder holding a brighter ellipsoid.
+
+    The noise keeps the tissue below the stand-in network's threshold (53.5 HU), so only
+    the ellipsoid is "spleen", as a spleen model's output would be.
+    """
     rng = np.random.default_rng(0)
     x = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None]
     y = np.linspace(-1, 1, shape[1], dtype=np.float32)[None, :]
     body = (x**2 + y**2) < 0.8
     volume = np.empty(shape, dtype=np.int16)
     for z in range(shape[2]):
-        plane = np.where(body, 40, AIR_HU).astype(np.int16)
-        plane += rng.integers(-20, 20, size=plane.shape, dtype=np.int16)
+        plane = np.where(body, 30, AIR_HU).astype(np.int16)
+        plane += rng.integers(-15, 15, size=plane.shape, dtype=np.int16)
         if abs(z - shape[2] / 2) < shape[2] / 8:
             plane[((x - 0.3) ** 2 + (y + 0.2) ** 2) < 0.04] = 120
         volume[:, :, z] = plane

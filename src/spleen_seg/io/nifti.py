@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -92,7 +93,8 @@ class _HeaderFixLog(logging.Filter):
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[list[str]]:
-        self._local.sink = sink = []
+        sink: list[str] = []
+        self._local.sink = sink
         try:
             yield sink
         finally:
@@ -157,7 +159,8 @@ def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
     """Refuse a header that declares more voxel bytes than the file can hold, before any allocation."""
     try:
         dtype = image.get_data_dtype()
-        offset = int(image.dataobj.offset)
+        # The proxy's offset is the file's; the image's header copy has its offset reset to 0.
+        offset = int(cast(nib.arrayproxy.ArrayProxy, image.dataobj).offset)
     except _READ_ERRORS as err:
         raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
     voxel_bytes = math.prod(int(n) for n in image.shape) * dtype.itemsize

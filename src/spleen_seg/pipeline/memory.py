@@ -1,19 +1,25 @@
 """How much memory a case needs, how much is free, and the guards built on the two.
 
-``estimate_case_memory`` adds up what the pipeline allocates for one input of N voxels
-whose preprocessed (1.5 x 1.5 x 2 mm) grid has G voxels, stage by stage, beyond the
-process's own memory (Python, libraries, network runtime: paid once per process):
+``estimate_case_memory`` adds up what the pipeline allocates for one input of V bytes
+(N voxels as float32) whose preprocessed (1.5 x 1.5 x 2 mm) grid has G voxels (Gp once
+padded to the window), stage by stage, beyond the process's own memory (Python, the
+libraries and the network runtime, paid once per process). The volume stays in memory
+from its read to the outputs, so every stage holds V and adds:
 
-* read: the float32 volume (4N) and one slab of the file (``nifti.READ_SLAB_BYTES``);
-* resample: the volume and, at the worst pass, the outputs of two consecutive 1D passes
-  (``resample.pass_order``), plus one chunk's gathered neighbours;
-* windows: the volume, the windowed image (4G), its zero-padded copy when an axis is
-  shorter than the window, the window sum (4G), the window counts and the survey's
-  candidate masks (1G each, three at once);
-* inversion: the volume, the margin (4G), its sign (1G), the mask (1N) and the spleen's
-  box; the windowed image is released before it;
-* outputs: the volume and the mask, with one more mask while the NIfTI is written.
+* read: one slab of the file's voxels, raw and scaled (``nifti.READ_SLAB_BYTES``);
+* resample: at the worst 1D pass (``resample.pass_order``), its input (the previous
+  pass's output), its output and the two gathered neighbour arrays of one chunk;
+* windows: the windowed image (4G), its zero-padded copy where an axis is shorter than
+  the window, the window sum (4Gp), the counts and the survey's candidate masks (1Gp
+  each, three at once) and the window batches (in, out and copies);
+* inversion: the margin (4Gp), its sign (1Gp), its tanh in the spleen's box (two 4-byte
+  arrays), the mask (N bytes) and one slab of interpolated values;
+* outputs: the mask, the components' labels and a bool copy in the spleen's box, and
+  the preview figure.
 
+The spleen's box is taken as at most ``SPLEEN_BOX_MM`` along each axis; a network output
+spread wider than that needs up to 6 more bytes per voxel of its box. The windowed image
+is released before the inversion, and the mask is written into its final array.
 ``benchmarks/bench_memory.py --table`` measures the peak RSS of whole cases against it.
 """
 
@@ -33,9 +39,12 @@ from spleen_seg.io.nifti import READ_SLAB_BYTES
 from spleen_seg.pipeline.resample import RESAMPLE_CHUNK_BYTES, Reorientation, pass_order, spacing_grid
 
 FLOAT32_BYTES = 4
-# Box-sized work around the spleen (inversion crop, components, report) and the preview
-# figure: bounded by the spleen, not the scan.
-SPLEEN_WORK_BYTES = 96 << 20
+# The raw slab (up to 8 bytes a voxel) or nibabel's scaled copy, per float32 slab byte.
+READ_TEMPORARY_FACTOR = 2
+SPLEEN_BOX_MM = 250.0
+# Labels (int32) and a bool copy of the spleen's box, per box voxel.
+COMPONENT_BYTES_PER_VOXEL = 5
+PREVIEW_BYTES = 32 << 20
 # Left free beyond the estimate: allocator fragmentation, the page cache the reads need.
 HEADROOM_BYTES = 256 << 20
 # cgroup v1 reports "no limit" as a number near 2**63.
@@ -48,9 +57,9 @@ class CaseMemory:
     """Bytes one case needs beyond the process's baseline (see the module docstring)."""
 
     read_bytes: int  # held once the volume is read (the float32 volume)
-    read_peak_bytes: int  # while reading
     peak_bytes: int  # the whole case's peak
     peak_stage: str
+    stages: dict[str, int]
     grid_shape: tuple[int, ...]
 
     @property
@@ -64,6 +73,23 @@ def _affine(spacing_or_affine: Sequence[float] | np.ndarray) -> np.ndarray:
     return values if values.shape == (4, 4) else np.diag([*values.tolist(), 1.0])
 
 
+def read_peak_bytes(shape: Sequence[int]) -> int:
+    """Peak bytes of ``read_volume`` for ``shape`` voxels: the float32 volume and one slab's temporaries."""
+    volume = FLOAT32_BYTES * math.prod(shape)
+    return volume + READ_TEMPORARY_FACTOR * min(READ_SLAB_BYTES, volume)
+
+
+def _resample_bytes(ras_shape: Sequence[int], grid_shape: Sequence[int]) -> int:
+    """The worst pass of ``resample_linear``: its input, output and one chunk's two gathers."""
+    worst, previous, current = 0, 0, list(ras_shape)
+    for axis in pass_order(tuple(ras_shape), tuple(grid_shape)):
+        current[axis] = grid_shape[axis]
+        size = FLOAT32_BYTES * math.prod(current)
+        worst = max(worst, previous + size + 2 * min(RESAMPLE_CHUNK_BYTES, size))
+        previous = size
+    return worst
+
+
 def estimate_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float] | np.ndarray,
                          recipe: Recipe = RECIPE) -> CaseMemory:
     """Estimate the memory of one case of ``shape`` (X, Y, Z) voxels.
@@ -75,25 +101,26 @@ def estimate_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float
     reorientation = Reorientation.for_affine(affine, tuple(shape), recipe.preprocessing.axcodes)
     ras_shape = reorientation.ras_shape
     grid_shape, _ = spacing_grid(ras_shape, reorientation.affine(affine), recipe.preprocessing.spacing_mm)
+    roi = recipe.inference.roi_size
     voxels, grid = math.prod(shape), math.prod(grid_shape)
-    padded = math.prod(max(n, r) for n, r in zip(grid_shape, recipe.inference.roi_size, strict=True))
+    padded = math.prod(max(n, r) for n, r in zip(grid_shape, roi, strict=True))
     volume = FLOAT32_BYTES * voxels
-    # Outputs of the 1D passes in their order; two consecutive ones coexist.
-    sizes, current = [], list(ras_shape)
-    for axis in pass_order(tuple(ras_shape), grid_shape):
-        current[axis] = grid_shape[axis]
-        sizes.append(FLOAT32_BYTES * math.prod(current))
-    resample = max([sizes[0]] + [a + b for a, b in zip(sizes, sizes[1:], strict=False)]) + 3 * RESAMPLE_CHUNK_BYTES
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    box = math.prod(min(n, math.ceil(SPLEEN_BOX_MM / s)) for n, s in zip(shape, spacing, strict=True))
+    grid_box = min(padded, math.prod(math.ceil(SPLEEN_BOX_MM / s) for s in recipe.preprocessing.spacing_mm))
+    # The stacked batch, the network's output, and their copies on the way (measured).
+    batches = 4 * recipe.inference.sw_batch_size * math.prod(roi) * FLOAT32_BYTES
     stages = {
-        "read": volume + 3 * READ_SLAB_BYTES,
-        "resample": volume + resample,
+        "read": read_peak_bytes(shape),
+        "resample": volume + _resample_bytes(ras_shape, grid_shape),
         "windows": volume + FLOAT32_BYTES * grid + (FLOAT32_BYTES * padded if padded > grid else 0)
-        + FLOAT32_BYTES * padded + 3 * padded,
-        "inversion": volume + FLOAT32_BYTES * padded + grid + voxels + SPLEEN_WORK_BYTES,
-        "outputs": volume + 2 * voxels + SPLEEN_WORK_BYTES,
+        + (FLOAT32_BYTES + 3) * padded + batches,
+        "inversion": volume + (FLOAT32_BYTES + 1) * padded + 2 * FLOAT32_BYTES * grid_box + voxels
+        + 3 * min(RESAMPLE_CHUNK_BYTES, FLOAT32_BYTES * box),
+        "outputs": volume + voxels + COMPONENT_BYTES_PER_VOXEL * box + PREVIEW_BYTES,
     }
     stage = max(stages, key=lambda name: stages[name])
-    return CaseMemory(read_bytes=volume, read_peak_bytes=stages["read"], peak_bytes=stages[stage], peak_stage=stage,
+    return CaseMemory(read_bytes=volume, peak_bytes=stages[stage], peak_stage=stage, stages=stages,
                       grid_shape=tuple(grid_shape))
 
 
@@ -102,9 +129,9 @@ def estimate_case_peak_bytes(shape: Sequence[int], spacing_or_affine: Sequence[f
     return estimate_case_memory(shape, spacing_or_affine).peak_bytes
 
 
-def _cgroup_files() -> list[Path]:
+def _cgroup_folders() -> list[Path]:
     """This process's cgroup folders (v2 and v1 memory controller), innermost first."""
-    folders = []
+    folders: list[Path] = []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -134,7 +161,7 @@ def _cgroup_free_bytes() -> int | None:
     kernel's OOM killer enforces, so it is read here (no library reads it). Reclaimable
     page cache (inactive file pages) counts as free, as the kernel would reclaim it.
     """
-    for folder in _cgroup_files():
+    for folder in _cgroup_folders():
         limit = _read_number(folder / "memory.max") or _read_number(folder / "memory.limit_in_bytes")
         usage = _read_number(folder / "memory.current") or _read_number(folder / "memory.usage_in_bytes")
         if limit is None or usage is None or limit >= CGROUP_NO_LIMIT:
@@ -183,6 +210,6 @@ def can_prefetch(next_shape: Sequence[int], running: CaseMemory | None = None) -
     ``running``: the estimate of the case now in memory (its volume read), whose
     remaining allocations must still fit beside the read; None when nothing runs.
     """
-    reading = FLOAT32_BYTES * math.prod(next_shape) + 3 * READ_SLAB_BYTES
+    reading = read_peak_bytes(next_shape)
     still_needed = running.after_read_bytes if running is not None else 0
     return reading + still_needed + HEADROOM_BYTES <= available_bytes()
