@@ -8,19 +8,31 @@ import pytest
 import torch
 
 import spleen_seg
-from spleen_seg.pipeline import backends
+from spleen_seg.pipeline import backends, network
 from spleen_seg.pipeline.backends import cache_path, cached_export, load_cached, make_runner
 from spleen_seg.pipeline.export import margin_module
-from spleen_seg.pipeline.network import build
 
 FORMAT_OF = {"torch": "torchscript_margin", "onnx": "onnx", "openvino": "openvino"}
 
 
+def _small_network(config=None):
+    """One convolution to two channels: each export takes a fraction of the bundle UNet's
+    time, and the cache logic under test is the same."""
+    return torch.nn.Conv3d(1, 2, kernel_size=3, padding=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_network():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(network, "build", _small_network)
+        yield
+
+
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(tmp_path_factory, small_network):
     torch.manual_seed(5)
     path = tmp_path_factory.mktemp("w") / "model.pt"
-    torch.save(build().eval().state_dict(), path)
+    torch.save(_small_network().state_dict(), path)
     return path
 
 
