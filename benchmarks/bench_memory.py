@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -34,14 +33,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from bench_inference import AIR_HU, REAL_CT, REPO, YARDSTICK
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPLEEN_SEG_SHARED", REPO.parent / "shared"))
-REAL_CT = SHARED / "data" / "real_ct" / "ct_abdomen_3mm.nii.gz"
-YARDSTICK = SHARED / "models" / "yardstick.pt"
 WHOLE_BODY_SPACING_MM = (0.78125, 0.78125, 1.0)
 IN_PLANE = 512
-AIR_HU = -1024
 GB = 1e9
 # The estimator must bound the measured peak without wasting much: measured / estimate.
 TABLE_SHAPES = ((512, 512, 200), (512, 512, 500), (400, 300, 800), (256, 256, 1200))

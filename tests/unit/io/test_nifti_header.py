@@ -146,22 +146,20 @@ def test_negative_pixdim_under_a_qform_is_read_as_its_absolute_value_with_a_warn
     assert any("pixdim[1,2,3] should be positive" in w for w in geometry.warnings)
 
 
-def test_nan_in_the_sform_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("field, index, value, sform, message", [
+    ("srow_y", 1, np.nan, 1, r"sform \(sform_code 1\) holds NaN or infinite values"),
+    ("quatern_b", None, 2.0, 0, "qform quaternion .* is not a rotation"),
+])
+def test_broken_orientation_fields_are_clear_errors(tmp_path, field, index, value, sform, message):
     data = _ct()
-    header = _header(data)
-    header["srow_y"][1] = np.nan
+    header = _header(data, sform=sform, qform=1)
+    if index is None:
+        header[field] = value
+    else:
+        header[field][index] = value
     _write(tmp_path / "ct.nii.gz", header, data)
-    with pytest.raises(InputImageError, match=r"sform \(sform_code 1\) holds NaN or infinite values"):
+    with pytest.raises(InputImageError, match=message):
         read_volume(tmp_path / "ct.nii.gz")
-
-
-def test_invalid_quaternion_alone_is_a_clear_error(tmp_path):
-    data = _ct()
-    header = _header(data, sform=0, qform=1)
-    header["quatern_b"] = 2.0
-    _write(tmp_path / "ct.nii", header, data)
-    with pytest.raises(InputImageError, match="qform quaternion .* is not a rotation"):
-        read_volume(tmp_path / "ct.nii")
 
 
 def test_invalid_quaternion_beside_a_valid_sform_warns_and_the_mask_keeps_the_sform(tmp_path):
