@@ -179,8 +179,11 @@ def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
 
 def _raw_header(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Header:
     """The header as stored, before nibabel's fixes (it sets zero pixdim to 1, negative to abs)."""
-    with nib.openers.ImageOpener(str(path)) as handle:
-        return type(image.header).from_fileobj(handle, check=False)
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            return type(image.header).from_fileobj(handle, check=False)
+    except _READ_ERRORS as err:
+        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
 
 
 def _orientation(path: Path, image: nib.Nifti1Image, fixes: list[str]) -> tuple[np.ndarray, nib.Nifti1Header, list[str]]:
@@ -199,7 +202,7 @@ def _orientation(path: Path, image: nib.Nifti1Image, fixes: list[str]) -> tuple[
         if qform_code > 0:
             try:
                 header.get_qform()
-            except ValueError:
+            except (ValueError, nib.spatialimages.HeaderDataError):
                 warnings.append("the qform is not a valid rotation and was ignored: the sform defines the geometry "
                                 "(the mask's header gets a qform equal to the sform)")
                 header.set_qform(affine, code=qform_code)
