@@ -8,6 +8,14 @@ to fix it. The CLI turns these into a one-line message and exit status 2.
 from __future__ import annotations
 
 
+def format_bytes(count: float) -> str:
+    """A byte count for a message: ``1.2 GB``, ``340 MB``, ``512 bytes`` (decimal units)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} bytes"
+
+
 class SpleenSegError(ValueError):
     """Base class for errors caused by user input."""
 
@@ -34,3 +42,7 @@ class WeightsError(SpleenSegError):
 
 class NodeError(SpleenSegError):
     """The DICOM node cannot start or run as asked (port in use, spool locked, bad destination)."""
+
+
+class ResourceError(SpleenSegError):
+    """A case needs more memory than is free; the message names what it needs and what is free."""

@@ -142,7 +142,14 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
     Every ``Exception`` (project errors, library errors, ``MemoryError``, CUDA out of memory)
     gives a ``failed`` result; ``KeyboardInterrupt`` propagates, leaving no case folder.
     """
-    from spleen_seg.outputs.report import REPORT_FILENAME, build_report, check_intensity, keep_components, write_report
+    from spleen_seg.outputs.report import (
+        REPORT_FILENAME,
+        build_report,
+        check_geometry,
+        check_intensity,
+        keep_components,
+        write_report,
+    )
 
     options = options or SegmentOptions()
     case = case or input_case_id(source)
@@ -161,13 +168,17 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
 
     try:
         array, geometry = prefetched.result() if prefetched is not None else load_input(source)
+        # Header assumptions first (--strict refuses them), then the intensity check.
+        check_geometry(geometry, str(path), options.strict)
         warnings = check_intensity(array, str(path), options.strict)
         lap("read")
         raw_mask = segmenter.predict(array, geometry, path)
         lap("segment")
         components = keep_components(raw_mask, options.largest_component)
         mask = components.mask
-        report = build_report(case, str(path), mask, array, geometry, components, warnings)
+        # The segmenter's own warnings (out of memory: smaller batches, then the CPU) go in the report.
+        report = build_report(case, str(path), mask, array, geometry, components,
+                              [*warnings, *segmenter.last_warnings])
         report.model = dict(model or {})
         report.identity = dict(identity or {})
         lap("measure")

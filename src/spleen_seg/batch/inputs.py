@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from spleen_seg.errors import InputImageError
-from spleen_seg.io.nifti import Geometry, case_id, is_nifti, read_volume
+from spleen_seg.io.nifti import Geometry, case_id, is_nifti, read_geometry, read_volume
 
 if TYPE_CHECKING:
     from spleen_seg.io.dicom import DicomSeries
@@ -120,11 +120,36 @@ def unique_case_ids(items: list[InputItem]) -> list[str]:
 
 
 def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
-    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series; a failed input raises its error."""
+    """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series; a failed input raises its error.
+
+    A NIfTI case whose estimated peak (``pipeline.memory``) does not fit in the memory
+    free now is refused before its voxels are read (``ResourceError``, naming both).
+    """
     if isinstance(source, FailedInput):
         raise source.error
     if isinstance(source, Path):
-        return read_volume(source)
+        from spleen_seg.pipeline.memory import available_bytes, require_case_memory
+
+        geometry = read_geometry(source)
+        require_case_memory(geometry.shape, geometry.affine_ras, source, volume_loaded=False)
+        return read_volume(source, max_bytes=available_bytes())
     from spleen_seg.io.dicom_volume import read_series
 
     return read_series(source)
+
+
+def input_shape(source: InputItem) -> tuple[int, int, int] | None:
+    """(X, Y, Z) voxels an input declares, from headers alone; None when they cannot be read."""
+    try:
+        if isinstance(source, Path):
+            return read_geometry(source).shape
+        if isinstance(source, FailedInput):
+            return None
+        import pydicom
+
+        first = pydicom.dcmread(source.files[0], stop_before_pixels=True, force=True)
+        frames = int(first.get("NumberOfFrames", 0) or 0) if source.multiframe else 0
+        return int(first.Columns), int(first.Rows), frames or len(source.files)
+    # Headers the reader will refuse anyway: the shape is simply unknown here.
+    except Exception:
+        return None

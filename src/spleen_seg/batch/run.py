@@ -29,7 +29,7 @@ from spleen_seg.batch.case import (
     warm_output_imports,
     write_run_info,
 )
-from spleen_seg.batch.inputs import InputItem, input_source, load_input, unique_case_ids
+from spleen_seg.batch.inputs import InputItem, input_shape, input_source, load_input, unique_case_ids
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
 from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
 
@@ -169,9 +169,10 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
                 for position, index in enumerate(todo):
                     batch.current = index
                     bar.set_postfix_str(batch.cases[index], refresh=False)
-                    if position + 1 < len(todo):
-                        reads[todo[position + 1]] = _prefetch(pool, batch, todo[position + 1])
                     read, digest = reads.pop(index)
+                    if position + 1 < len(todo):
+                        following = todo[position + 1]
+                        reads[following] = _prefetch(pool, batch, following, _may_read_ahead(read, batch.inputs[following]))
                     result = segment_one(segmenter, batch.inputs[index], batch.out_dir, case=batch.cases[index],
                                          options=options, model=model, prefetched=read,
                                          identity=case_identity(batch.identity, digest.result()))
@@ -183,6 +184,34 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
             raise
 
 
-def _prefetch(pool: ThreadPoolExecutor, batch: _Batch, index: int) -> tuple[Future, Future]:
-    """Futures of the input's (array, geometry) and of its digest."""
-    return pool.submit(load_input, batch.inputs[index]), pool.submit(batch.digest, index)
+def _prefetch(pool: ThreadPoolExecutor, batch: _Batch, index: int,
+              read_ahead: bool = True) -> tuple[Future | None, Future]:
+    """Futures of the input's (array, geometry) (None: read when its turn comes) and of its digest."""
+    read = pool.submit(load_input, batch.inputs[index]) if read_ahead else None
+    return read, pool.submit(batch.digest, index)
+
+
+def _may_read_ahead(current: Future | None, following: InputItem) -> bool:
+    """Read the next input while this one computes only if both fit in the memory free now.
+
+    Waits for the current read (the case cannot start before it anyway): the running
+    case's estimate comes from its real geometry, the next one's from its headers. When
+    the current case could not be read ahead either, memory is short: read in turn.
+    """
+    if current is not None and _fits_beside(current, following):
+        return True
+    logger.info("not reading %s ahead: memory is short; it is read when its turn comes", input_source(following))
+    return False
+
+
+def _fits_beside(current: Future, following: InputItem) -> bool:
+    from spleen_seg.pipeline.memory import can_prefetch, estimate_case_memory
+
+    shape = input_shape(following)
+    if shape is None:  # unreadable headers: its read fails fast, and it would fail later too
+        return True
+    running = None
+    if current.exception() is None:
+        _, geometry = current.result()
+        running = estimate_case_memory(geometry.shape, geometry.affine_ras)
+    return can_prefetch(shape, running)

@@ -7,28 +7,54 @@ line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
+import math
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 
-from spleen_seg.errors import InputImageError
+from spleen_seg.errors import InputImageError, ResourceError, format_bytes
 from spleen_seg.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MIN_VOXELS_PER_AXIS = 2
+# Deflate cannot expand one compressed byte into more than 1032 (RFC 1951: a 258-byte match
+# per 2 bits at best; zlib's technical notes give 1032:1 as the limit), so a .nii.gz whose
+# header declares more than 1032x its size is truncated or corrupt, whatever its voxels.
+DEFLATE_MAX_RATIO = 1032
+# Voxels are read in slabs of about this many bytes of float32 output, so the file's raw
+# dtype never exists as a second whole-volume copy and the checks need no full-size temporary.
+READ_SLAB_BYTES = 32 << 20
+# No body is 10 m long: a field of view beyond this along any axis is a corrupt voxel size,
+# refused before the resampled grid for it is allocated.
+MAX_FIELD_OF_VIEW_MM = 10_000.0
+# nibabel also opens these by extension; their ratio has no small bound, so only the
+# memory check applies to them.
+OTHER_COMPRESSIONS = (".bz2", ".zst")
+MIN_AFFINE_DETERMINANT = 1e-9  # mm^3 per voxel: below this the affine is singular
+NIBABEL_LOGGER = "nibabel.global"
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the voxels lie: ``affine_ras`` maps (i, j, k, 1) to RAS+ millimetres."""
+    """Where the voxels lie: ``affine_ras`` maps (i, j, k, 1) to RAS+ millimetres.
+
+    ``warnings`` are the assumptions the reader made about the header (for example a
+    header without orientation read as nibabel's default); they belong in the report.
+    """
 
     shape: tuple[int, int, int]
     affine_ras: np.ndarray
     header: nib.Nifti1Header | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -57,23 +83,71 @@ def case_id(path: str | Path) -> str:
     return name
 
 
-def _load(path: Path) -> nib.Nifti1Image:
+class _HeaderFixLog(logging.Filter):
+    """Collects the header fixes nibabel logs while one thread loads a file, instead of
+    letting its handler print them to stderr; other threads' records pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[list[str]]:
+        sink: list[str] = []
+        self._local.sink = sink
+        try:
+            yield sink
+        finally:
+            self._local.sink = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = getattr(self._local, "sink", None)
+        if sink is None:
+            return True
+        sink.append(record.getMessage())
+        return False
+
+
+_HEADER_FIXES = _HeaderFixLog()
+logging.getLogger(NIBABEL_LOGGER).addFilter(_HEADER_FIXES)
+# What nibabel raises for a header or voxel block it cannot use (HeaderDataError and
+# HeaderTypeError are not ValueErrors); OverflowError comes from absurd offsets and sizes.
+_READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+                nib.spatialimages.HeaderTypeError, OSError, EOFError, ValueError, OverflowError, KeyError,
+                zlib.error, gzip.BadGzipFile)
+
+
+def _load(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
+    """The image (header parsed, voxels not read) and the header fixes nibabel applied."""
     if not path.exists():
         raise InputImageError(f"{path}: file not found")
     if not path.is_file():
         raise InputImageError(f"{path}: not a file")
     try:
-        image = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
-        raise InputImageError(f"{path}: not a readable NIfTI image ({err.__class__.__name__})") from err
+        with _HEADER_FIXES.collect() as fixes:
+            # keep_file_open: the slab reads continue one gzip stream instead of re-inflating it from the start.
+            image = nib.load(str(path), keep_file_open=True)
+    except _READ_ERRORS as err:
+        if "w2 should be positive" in str(err):
+            raise InputImageError(f"{path}: the header's qform quaternion (quatern_b, quatern_c, quatern_d) is not a "
+                                  "rotation (b^2 + c^2 + d^2 > 1): fix the header or set qform_code to 0") from err
+        raise InputImageError(f"{path}: not a readable NIfTI image ({err.__class__.__name__}: "
+                              f"{_first_line(err)})") from err
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputImageError(f"{path}: not a NIfTI image (found {type(image).__name__})")
-    return image
+    return image, fixes
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0][:200]
 
 
 def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
-    # A 4D file with one time point is a 3D volume; anything else is not a CT volume.
-    shape = data_shape[:3] if len(data_shape) == 4 and data_shape[3] == 1 else data_shape
+    # Trailing axes of length 1 (a 4D file with one time point, a 5D one with one
+    # component) hold a 3D volume; anything else is not a CT volume.
+    if any(n < 1 for n in data_shape):
+        raise InputImageError(f"{path}: the header declares invalid dimensions {tuple(data_shape)} (dim[1..])")
+    shape = data_shape[:3] if len(data_shape) > 3 and all(n == 1 for n in data_shape[3:]) else data_shape
     if len(shape) != 3:
         raise InputImageError(f"{path}: expected a 3D volume, got {len(data_shape)}D shape {tuple(data_shape)}")
     if min(shape) < MIN_VOXELS_PER_AXIS:
@@ -81,30 +155,160 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, i
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a header that declares more voxel bytes than the file can hold, before any allocation."""
+    try:
+        dtype = image.get_data_dtype()
+        # The proxy's offset is the file's; the image's header copy has its offset reset to 0.
+        offset = int(cast(nib.arrayproxy.ArrayProxy, image.dataobj).offset)
+    except _READ_ERRORS as err:
+        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
+    voxel_bytes = math.prod(int(n) for n in image.shape) * dtype.itemsize
+    size = path.stat().st_size
+    declared = f"{'x'.join(str(n) for n in image.shape)} {dtype.name} voxels ({format_bytes(voxel_bytes)})"
+    compression = path.suffix.lower()
+    if compression == ".gz":
+        if offset + voxel_bytes > DEFLATE_MAX_RATIO * size:
+            raise InputImageError(f"{path}: the header declares {declared} but the compressed file holds "
+                                  f"{format_bytes(size)}, which deflate cannot expand beyond "
+                                  f"{format_bytes(DEFLATE_MAX_RATIO * size)}: truncated file or corrupt header")
+    elif compression not in OTHER_COMPRESSIONS and offset + voxel_bytes > size:
+        raise InputImageError(f"{path}: the header declares {declared} at offset {offset} but the file holds "
+                              f"{format_bytes(size)}: truncated file or corrupt header")
+
+
+def _raw_header(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Header:
+    """The header as stored, before nibabel's fixes (it sets zero pixdim to 1, negative to abs)."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            return type(image.header).from_fileobj(handle, check=False)
+    except _READ_ERRORS as err:
+        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
+
+
+def _orientation(path: Path, image: nib.Nifti1Image, fixes: list[str]) -> tuple[np.ndarray, nib.Nifti1Header, list[str]]:
+    """The voxel-to-RAS affine the header defines, the header to copy into outputs, and warnings.
+
+    The affine is nibabel's ``get_best_affine`` (sform, else qform, else pixdim scaling),
+    as MONAI reads it, but each assumption nibabel makes silently is an error or a warning.
+    """
+    header = image.header.copy()
+    raw_pixdim = np.asarray(_raw_header(path, image)["pixdim"][1:4], dtype=np.float64)
+    pixdim_text = ", ".join(f"{v:g}" for v in raw_pixdim)
+    warnings = [f"header fixed on reading (as nibabel and MONAI read it): {fix}" for fix in fixes]
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code > 0:
+        affine, source = header.get_sform(), f"sform (sform_code {sform_code})"
+        if qform_code > 0:
+            try:
+                header.get_qform()
+            except (ValueError, nib.spatialimages.HeaderDataError):
+                warnings.append("the qform is not a valid rotation and was ignored: the sform defines the geometry "
+                                "(the mask's header gets a qform equal to the sform)")
+                header.set_qform(affine, code=qform_code)
+    elif qform_code > 0:
+        affine, source = header.get_qform(), f"qform (qform_code {qform_code})"
+        if not (np.isfinite(raw_pixdim).all() and (raw_pixdim != 0).all()):
+            raise InputImageError(f"{path}: the qform's voxel size pixdim[1..3] = ({pixdim_text}) is zero or not "
+                                  "finite: fix pixdim or store the geometry in the sform")
+    else:
+        if not (np.isfinite(raw_pixdim).all() and (raw_pixdim > 0).all()):
+            raise InputImageError(f"{path}: the header has no orientation (qform_code = sform_code = 0) and its "
+                                  f"voxel size pixdim[1..3] = ({pixdim_text}) is not positive: the voxels cannot be "
+                                  "placed; fix the header (set the sform or qform)")
+        affine, source = header.get_best_affine(), "pixdim"
+        warnings.append(f"header without orientation (qform_code = sform_code = 0): assumed nibabel's default, as "
+                        f"MONAI reads it: LAS voxel axes of {pixdim_text} mm centred on the volume; left-right and "
+                        "position may be wrong")
+    return _checked_affine(path, np.asarray(affine, dtype=np.float64), source, image.shape[:3]), header, warnings
+
+
+def _checked_affine(path: Path, affine: np.ndarray, source: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Refuse an affine the pipeline cannot use: not finite, singular, without axis order, absurd size."""
+    if not np.isfinite(affine).all():
+        raise InputImageError(f"{path}: the header's {source} holds NaN or infinite values: fix srow_x/y/z "
+                              "(or the quaternion), or set its code to 0")
+    if abs(np.linalg.det(affine[:3, :3])) < MIN_AFFINE_DETERMINANT:
+        raise InputImageError(f"{path}: the header's {source} is singular (a voxel of no volume): fix the header")
+    ornt = nib.orientations.io_orientation(affine)
+    if np.isnan(ornt).any():
+        raise InputImageError(f"{path}: the header's {source} has no clear axis orientation: fix the header")
+    field_mm = np.sqrt((affine[:3, :3] ** 2).sum(axis=0)) * np.asarray(shape, dtype=np.float64)
+    if field_mm.max() > MAX_FIELD_OF_VIEW_MM:
+        raise InputImageError(f"{path}: the header's {source} gives a field of view of "
+                              f"{' x '.join(f'{v:.0f}' for v in field_mm)} mm, larger than any body "
+                              f"({MAX_FIELD_OF_VIEW_MM:.0f} mm): the voxel size is corrupt")
+    return affine
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """The checked geometry of a NIfTI file from its header alone (no voxel is read).
+
+    Raises ``InputImageError`` for everything ``read_volume`` refuses before reading
+    voxels: unreadable header, not 3D, declared size the file cannot hold, unusable affine.
+    """
+    path = Path(path)
+    image, fixes = _load(path)
+    return _geometry(path, image, fixes)
+
+
+def _geometry(path: Path, image: nib.Nifti1Image, fixes: list[str]) -> Geometry:
+    shape = _squeeze_to_3d(tuple(image.shape), path)
+    _check_declared_size(path, image)
+    affine, header, warnings = _orientation(path, image, fixes)
+    return Geometry(shape=shape, affine_ras=affine, header=header, warnings=tuple(warnings))
+
+
+def read_volume(path: str | Path, *, max_bytes: int | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a 3D CT volume.
 
     Returns ``(array, geometry)``: ``array`` is float32 of shape (X, Y, Z) in the
-    file's voxel order (not reoriented), values in Hounsfield units after the
-    header's scaling; ``geometry.affine_ras`` is the file's best affine (sform, else
-    qform). Raises ``InputImageError`` for a missing or unreadable file, a non-3D
-    image, NaN/inf values or an all-constant image.
+    file's voxel order (not reoriented, Fortran-ordered as stored), values in Hounsfield
+    units after the header's scaling; ``geometry.affine_ras`` is the file's best affine
+    (sform, else qform, else pixdim scaling with a warning in ``geometry.warnings``).
+    Raises ``InputImageError`` for a missing or unreadable file, a non-3D image, a header
+    declaring more voxels than the file holds, an unusable affine, NaN/inf values or an
+    all-constant image; ``ResourceError`` when the float32 volume needs more than
+    ``max_bytes`` (or more memory than the machine can give). Nothing the size of the
+    volume is allocated before the header passed its checks.
     """
     path = Path(path)
-    image = _load(path)
-    shape = _squeeze_to_3d(tuple(image.shape), path)
+    image, fixes = _load(path)
+    geometry = _geometry(path, image, fixes)
+    needed = math.prod(geometry.shape) * np.dtype(np.float32).itemsize
+    if max_bytes is not None and needed > max_bytes:
+        raise ResourceError(f"{path}: reading needs ~{format_bytes(needed)} ({'x'.join(map(str, geometry.shape))} "
+                            f"voxels as float32), {format_bytes(max_bytes)} free")
     try:
-        array = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-    except (OSError, EOFError, ValueError, zlib.error) as err:
-        raise InputImageError(f"{path}: truncated or corrupt voxel data ({err.__class__.__name__})") from err
-    if not np.isfinite(array).all():
-        raise InputImageError(f"{path}: image contains NaN or infinite values")
-    if array.min() == array.max():
-        raise InputImageError(f"{path}: image is constant ({array.flat[0]:g} everywhere), nothing to segment")
-    affine = np.asarray(image.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputImageError(f"{path}: header affine is singular or not finite")
-    return array, Geometry(shape=shape, affine_ras=affine, header=image.header)
+        array = np.empty(geometry.shape, dtype=np.float32, order="F")
+    except MemoryError as err:
+        raise ResourceError(f"{path}: reading needs ~{format_bytes(needed)} ({'x'.join(map(str, geometry.shape))} "
+                            "voxels as float32), more than this machine can allocate") from err
+    low, high = _read_slabs(path, image, array)
+    if low == high:
+        raise InputImageError(f"{path}: image is constant ({low:g} everywhere), nothing to segment")
+    return array, geometry
+
+
+def _read_slabs(path: Path, image: nib.Nifti1Image, out: np.ndarray) -> tuple[float, float]:
+    """Fill ``out`` (X, Y, Z) float32 with the scaled voxels, a slab of z at a time; return (min, max).
+
+    ``image.dataobj[slab]`` scales exactly as ``np.asarray(image.dataobj, dtype=np.float32)``
+    (same slope/intercept dtypes), then the assignment casts to float32.
+    """
+    step = max(1, READ_SLAB_BYTES // (out.shape[0] * out.shape[1] * out.itemsize))
+    trailing = (0,) * (len(image.shape) - 3)
+    low, high = math.inf, -math.inf
+    for z0 in range(0, out.shape[2], step):
+        target = out[:, :, z0 : z0 + step]
+        try:
+            target[...] = image.dataobj[(slice(None), slice(None), slice(z0, z0 + step), *trailing)]
+        except _READ_ERRORS as err:
+            raise InputImageError(f"{path}: truncated or corrupt voxel data ({err.__class__.__name__})") from err
+        if not np.isfinite(target).all():
+            raise InputImageError(f"{path}: image contains NaN or infinite values")
+        low, high = min(low, float(target.min())), max(high, float(target.max()))
+    return low, high
 
 
 def write_mask(mask: np.ndarray, geometry: Geometry, dest: str | Path) -> Path:

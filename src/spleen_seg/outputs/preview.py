@@ -13,7 +13,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from spleen_seg.io.atomic import atomic_path
 
@@ -41,8 +40,11 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _centre(mask_ras: np.ndarray) -> tuple[int, int, int]:
-    if mask_ras.any():
-        return tuple(int(round(c)) for c in ndimage.center_of_mass(mask_ras > 0))  # type: ignore[return-value]
+    # The mean voxel index is the centre of mass of a 0/1 mask; ndimage.center_of_mass
+    # would build float64 index grids the size of the volume (4 GB on a whole-body CT).
+    index = np.nonzero(mask_ras)
+    if index[0].size:
+        return tuple(int(round(float(ix.mean()))) for ix in index)  # type: ignore[return-value]
     return tuple(s // 2 for s in mask_ras.shape)  # type: ignore[return-value]
 
 

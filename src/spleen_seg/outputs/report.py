@@ -44,6 +44,10 @@ INTENSITY_MEDIAN_MAX_HU = 500.0
 # Percentiles need no more voxels than this; a regular stride keeps them deterministic.
 INTENSITY_SAMPLE_VOXELS = 2_000_000
 AXIS_NAMES = ("left_right", "anterior_posterior", "superior_inferior")
+# The body-centre search reads the image in chunks of about this many voxels.
+BODY_CHUNK_VOXELS = 8_000_000
+# CT stored without its HU offset: air at 0 instead of -1024, values within 12 bits.
+UNSIGNED_CT_MAX = 4095
 
 FLAG_SPLENOMEGALY = "splenomegaly"
 FLAG_TOUCHES_BORDER = "touches_border"
@@ -120,22 +124,42 @@ class CaseReport:
         return json.dumps(data, indent=2) + "\n"
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the nonzero voxels of ``mask`` (any shape), or None when empty.
+
+    Whole-volume work on a mask stays in this box: on a whole-body CT the spleen is a
+    thousandth of the voxels, and full-size temporaries (a bool copy, float64 index
+    grids) would cost gigabytes.
+    """
+    spans = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return None
+        spans.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(spans)
+
+
 def keep_components(mask: np.ndarray, largest_only: bool) -> ComponentResult:
     """Label ``mask`` (uint8, any shape) with 26-connectivity; optionally keep the largest.
 
     Components are listed largest first. Ties keep the lowest label (first in C order).
+    The result's mask is uint8 0/1; it is ``mask`` itself when that already is one and
+    nothing is removed (no whole-volume copy).
     """
-    foreground = mask > 0
+    box = mask_box(mask)
+    if box is None:
+        return ComponentResult(mask=np.zeros_like(mask, dtype=np.uint8) if mask.dtype != np.uint8 else mask,
+                               found=0, kept=0, voxels_per_component=[])
     # Label only the mask's bounding box: the spleen is a small part of a CT volume.
-    nonzero = np.nonzero(foreground.any(axis=(1, 2)))[0], np.nonzero(foreground.any(axis=(0, 2)))[0], \
-        np.nonzero(foreground.any(axis=(0, 1)))[0]
-    box = tuple(slice(int(ix[0]), int(ix[-1]) + 1) if ix.size else slice(0, 0) for ix in nonzero)
-    labels, found = ndimage.label(foreground[box], structure=CONNECTIVITY_26)
+    labels, found = ndimage.label(mask[box] > 0, structure=CONNECTIVITY_26)
     sizes = np.bincount(labels.ravel(), minlength=found + 1)[1:]
     order = sorted(range(found), key=lambda i: (-int(sizes[i]), i))
-    kept_mask = foreground.astype(np.uint8)
+    binary = mask.dtype == np.uint8 and int(mask[box].max()) <= 1
+    kept_mask = mask if binary else (mask > 0).astype(np.uint8)
     kept = found
     if largest_only and found > 1:
+        kept_mask = kept_mask.copy() if kept_mask is mask else kept_mask
         kept_mask[box] = labels == order[0] + 1
         kept = 1
     return ComponentResult(mask=kept_mask, found=int(found), kept=kept, voxels_per_component=[int(sizes[i]) for i in order])
@@ -146,14 +170,21 @@ def voxel_extent_mm(affine_ras: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(affine_ras)[:3, :3]).sum(axis=1)
 
 
+def _mask_indices(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) float64 voxel indices of the mask's voxels, found inside its bounding box."""
+    box = mask_box(mask)
+    if box is None:
+        return np.zeros((0, mask.ndim))
+    return (np.argwhere(mask[box] > 0) + [b.start for b in box]).astype(np.float64)
+
+
 def extents_mm(mask: np.ndarray, affine_ras: np.ndarray) -> dict[str, float]:
     """Spleen size along the patient axes (mm): span of voxel centres plus one voxel.
 
     Computed from the world coordinates of the mask voxels, so it does not depend on the
     voxel order. ``mask`` must not be empty.
     """
-    index = np.argwhere(mask > 0).astype(np.float64)
-    world = index @ np.asarray(affine_ras)[:3, :3].T
+    world = _mask_indices(mask) @ np.asarray(affine_ras)[:3, :3].T
     span = world.max(axis=0) - world.min(axis=0) + voxel_extent_mm(affine_ras)
     return {name: round(float(value), 4) for name, value in zip(AXIS_NAMES, span, strict=True)}
 
@@ -168,6 +199,31 @@ def _world(affine_ras: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.asarray(affine_ras)[:3, :3] @ np.asarray(index, dtype=np.float64) + np.asarray(affine_ras)[:3, 3]
 
 
+def _body_centre_index(image_hu: np.ndarray, si_axis: int, first: int, last: int) -> np.ndarray:
+    """Index-space centre of mass of the voxels above ``BODY_THRESHOLD_HU`` in slices
+    ``first..last`` along ``si_axis`` (of all of them when none is), accumulated a few
+    slices at a time from per-axis voxel counts, so no slab-sized temporary exists."""
+    shape = list(image_hu.shape)
+    shape[si_axis] = last - first + 1
+    profiles = [np.zeros(n, dtype=np.int64) for n in shape]
+    step = max(1, BODY_CHUNK_VOXELS // max(image_hu.size // image_hu.shape[si_axis], 1))
+    for start in range(first, last + 1, step):
+        stop = min(start + step, last + 1)
+        index = tuple(slice(start, stop) if a == si_axis else slice(None) for a in range(3))
+        body = image_hu[index] > BODY_THRESHOLD_HU
+        for axis in range(3):
+            counts = body.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+            target = profiles[axis][start - first : stop - first] if axis == si_axis else profiles[axis]
+            target += counts
+    total = int(profiles[0].sum())
+    if total == 0:
+        centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    else:
+        centre = np.array([float((p * np.arange(p.size)).sum()) / total for p in profiles])
+    centre[si_axis] += first
+    return centre
+
+
 def anatomical_check(mask: np.ndarray, image_hu: np.ndarray, affine_ras: np.ndarray) -> AnatomyCheck:
     """Is the spleen on the patient's left and in the posterior half of the body?
 
@@ -178,17 +234,11 @@ def anatomical_check(mask: np.ndarray, image_hu: np.ndarray, affine_ras: np.ndar
     Task09's LPS voxels under RAS headers) rather than a real situs inversus.
     """
     affine_ras = np.asarray(affine_ras)
-    spleen = _world(affine_ras, ndimage.center_of_mass(mask > 0))
+    indices = _mask_indices(mask)
+    spleen = _world(affine_ras, indices.mean(axis=0))
     si_axis = int(np.argmax(np.abs(affine_ras[2, :3])))
-    present = np.nonzero(np.any(mask > 0, axis=tuple(a for a in range(3) if a != si_axis)))[0]
-    slab = [slice(None)] * 3
-    slab[si_axis] = slice(int(present.min()), int(present.max()) + 1)
-    body = image_hu[tuple(slab)] > BODY_THRESHOLD_HU
-    if not body.any():
-        body = np.ones(body.shape, dtype=bool)
-    centre_index = np.asarray(ndimage.center_of_mass(body))
-    centre_index[si_axis] += present.min()
-    body_centre = _world(affine_ras, centre_index)
+    first, last = int(indices[:, si_axis].min()), int(indices[:, si_axis].max())
+    body_centre = _world(affine_ras, _body_centre_index(image_hu, si_axis, first, last))
     return AnatomyCheck(
         spleen_centroid_ras_mm=[round(float(v), 3) for v in spleen],
         body_centre_ras_mm=[round(float(v), 3) for v in body_centre],
@@ -201,14 +251,20 @@ def intensity_warning(image: np.ndarray) -> str | None:
     """A warning when ``image`` does not look like CT in Hounsfield units, else None.
 
     CT of a body holds air (-1000 HU) or fat (-100 HU) and mostly soft tissue; MR and
-    other modalities are mostly 0..4000 with nothing negative.
+    other modalities are mostly 0..4000 with nothing negative. CT stored without its
+    rescale intercept (0..4095, air at 0) fails the same test, with a hint saying so.
     """
     flat = image.ravel(order="K")  # no copy for nibabel's Fortran-ordered arrays
     step = max(1, flat.size // INTENSITY_SAMPLE_VOXELS)
-    low, median = np.percentile(flat[::step], [INTENSITY_LOW_PERCENTILE, 50.0])
+    sample = flat[::step]
+    low, median = np.percentile(sample, [INTENSITY_LOW_PERCENTILE, 50.0])
     if low > INTENSITY_LOW_MAX_HU or median > INTENSITY_MEDIAN_MAX_HU:
+        hint = ""
+        if float(sample.min()) >= 0.0 and float(sample.max()) <= UNSIGNED_CT_MAX:
+            hint = (f" (values 0..{UNSIGNED_CT_MAX}: CT stored without its -1024 HU offset? set the header's "
+                    "scl_inter / RescaleIntercept)")
         return (f"{FLAG_NON_CT}: intensities do not look like CT in HU (p{INTENSITY_LOW_PERCENTILE:g} = {low:.0f}, "
-                f"median = {median:.0f}; CT has air/fat below {INTENSITY_LOW_MAX_HU:g} HU): is this an MR or a "
+                f"median = {median:.0f}; CT has air/fat below {INTENSITY_LOW_MAX_HU:g} HU){hint}: is this an MR or a "
                 "non-calibrated image? The segmentation is unreliable")
     return None
 
@@ -221,6 +277,14 @@ def check_intensity(image: np.ndarray, source: str, strict: bool) -> list[str]:
     if strict:
         raise InputImageError(f"{source}: {warning.removeprefix(FLAG_NON_CT + ': ')} (refused because of --strict)")
     return [warning]
+
+
+def check_geometry(geometry: Geometry, source: str, strict: bool) -> list[str]:
+    """The reader's assumptions about the header (``geometry.warnings``); with ``strict``
+    the first of them raises ``InputImageError`` instead (``build_report`` records them)."""
+    if strict and geometry.warnings:
+        raise InputImageError(f"{source}: {geometry.warnings[0]} (refused because of --strict)")
+    return list(geometry.warnings)
 
 
 def geometry_summary(geometry: Geometry) -> dict[str, Any]:
@@ -239,7 +303,8 @@ def build_report(case: str, source: str, mask: np.ndarray, image_hu: np.ndarray,
     ``image_hu`` is the original float32 HU array, same shape and voxel order as ``mask``.
     An empty mask gives ``spleen_found = False`` with a message and no measurements.
     """
-    warnings = list(warnings or [])
+    # The reader's assumptions about the header come first, once.
+    warnings = list(dict.fromkeys([*geometry.warnings, *(warnings or [])]))
     voxels = int(np.count_nonzero(mask))
     volume_ml = voxels * geometry.voxel_volume_ml
     splenomegaly = {"flag": volume_ml > SPLENOMEGALY_THRESHOLD_ML, "criterion": SPLENOMEGALY_CRITERION,
@@ -254,7 +319,8 @@ def build_report(case: str, source: str, mask: np.ndarray, image_hu: np.ndarray,
         report.message = "spleen not found: the mask is empty (is the spleen in the field of view?)"
         warnings.append(report.message)
         return report
-    inside = image_hu[mask > 0].astype(np.float64)
+    box = mask_box(mask)
+    inside = image_hu[box][mask[box] > 0].astype(np.float64)
     report.extents_mm = extents_mm(mask, geometry.affine_ras)
     report.hu_mean = float(inside.mean())
     report.hu_std = float(inside.std())

@@ -5,23 +5,32 @@ margin ``logit(spleen) - logit(background)`` (B, 1, 96, 96, 96): the only quanti
 mask depends on (argmax over two channels is the sign of their difference), so the
 exported graphs end in that subtraction and return half the data.
 
-Exported models are cached per weights checksum in ``model_cache_dir()``; the first run
-with new weights exports (needs torch and MONAI), later runs load the cached file and
-import neither, which saves most of a process's start-up time on CPU.
+Exported models are cached in ``model_cache_dir()`` per weights checksum, spleen-seg
+version and runtime version (``cache_path``); the first run with new weights exports
+(needs torch and MONAI), later runs load the cached file and import neither, which saves
+most of a process's start-up time on CPU. A manifest beside each export records its
+files' sizes and sha256: a partial or damaged file is exported again with a warning, as
+is one the runtime fails to load (``load_cached``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from spleen_seg.config import RECIPE
 from spleen_seg.errors import ConfigError
+from spleen_seg.io.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,11 @@ PRECISIONS = ("fp32", "fp16")
 CACHE_ENV = "SPLEEN_SEG_CACHE"
 TORCH_BATCH = 4  # the bundle's sw_batch_size
 OPENVINO_BATCH = 1  # LATENCY hint; 2 windows a call measured no faster on 2 cores
+OPENVINO_COMPILED_DIR = "openvino_compiled"
+CACHE_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".engine", "torchscript_margin": ".ts"}
+# The package whose version decides whether a cached export still loads.
+RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torchscript_margin": "torch"}
+T = TypeVar("T")
 
 
 def model_cache_dir() -> Path:
@@ -80,25 +94,107 @@ class Runner:
         return self.predict(batch)
 
 
-def cached_export(weights: Path, fmt: str, precision: str = "fp32") -> Path:
-    """Path of the exported model for these weights, exporting it on first use."""
+def _cache_key_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def runtime_version(fmt: str) -> str:
+    """The runtime that loads an exported format, with its installed version: ``openvino-2026-4-1``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = RUNTIME_PACKAGES[fmt]
+    try:
+        return _cache_key_part(f"{package}-{version(package)}")
+    except PackageNotFoundError:
+        return f"{package}-unknown"
+
+
+def cache_path(weights: Path, fmt: str, precision: str = "fp32") -> Path:
+    """Where the export of ``weights`` to ``fmt`` is cached: keyed by the weights' checksum,
+    the precision, the spleen-seg version and the runtime's version, so an upgrade of
+    either exports again instead of loading a file the new version may not read."""
+    from spleen_seg import __version__
     from spleen_seg.io.download import file_sha256
 
-    suffix = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".engine", "torchscript_margin": ".ts"}[fmt]
-    dest = model_cache_dir() / f"spleen_margin_{file_sha256(weights)[:16]}_{precision}{suffix}"
-    if not dest.exists():
-        from spleen_seg.pipeline.export import export_model
+    key = f"{file_sha256(weights)[:16]}_{precision}_spleen-seg-{_cache_key_part(__version__)}_{runtime_version(fmt)}"
+    return model_cache_dir() / f"spleen_margin_{key}{CACHE_SUFFIXES[fmt]}"
 
+
+def _cache_files(dest: Path) -> list[Path]:
+    """The files of one cached model: OpenVINO's IR is the .xml and its .bin."""
+    return [dest, dest.with_suffix(".bin")] if dest.suffix == ".xml" else [dest]
+
+
+def _manifest_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".manifest.json")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    # Hashed afresh each time (not io.download's cache keyed by size and mtime): a file
+    # damaged within the same mtime tick must still be told apart. ~20 ms for the 19 MB IR.
+    with path.open("rb") as handle:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
+def _cache_is_complete(dest: Path) -> bool:
+    """The cached files exist with the sizes and checksums recorded when they were written."""
+    try:
+        recorded = json.loads(_manifest_path(dest).read_text(encoding="utf-8"))["files"]
+        return all(recorded[path.name] == _file_record(path) for path in _cache_files(dest))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_cached(dest: Path) -> None:
+    for path in (*_cache_files(dest), _manifest_path(dest)):
+        path.unlink(missing_ok=True)
+    if dest.suffix == ".xml":  # OpenVINO's compiled blobs: a damaged one would fail again
+        shutil.rmtree(dest.parent / OPENVINO_COMPILED_DIR, ignore_errors=True)
+
+
+def cached_export(weights: Path, fmt: str, precision: str = "fp32") -> Path:
+    """Path of the exported model for these weights, exporting it on first use.
+
+    A cached file that is missing, partial or damaged (its size or sha256 differs from
+    the manifest written after it) is exported again, with a warning.
+    """
+    from spleen_seg.io.download import file_sha256
+    from spleen_seg.pipeline.export import export_model
+
+    dest = cache_path(weights, fmt, precision)
+    if _cache_is_complete(dest):
+        return dest
+    if any(path.exists() for path in (*_cache_files(dest), _manifest_path(dest))):
+        logger.warning("cached %s model %s is incomplete or damaged; exporting it again", fmt, dest)
+        _remove_cached(dest)
+    else:
         logger.info("exporting %s model for %s (first use of these weights)", fmt, weights)
-        export_model(weights, dest, fmt, precision)
+    export_model(weights, dest, fmt, precision)
+    manifest = {"weights_sha256": file_sha256(weights), "format": fmt, "precision": precision,
+                "runtime": runtime_version(fmt), "files": {path.name: _file_record(path) for path in _cache_files(dest)}}
+    atomic_write_text(_manifest_path(dest), json.dumps(manifest, indent=2) + "\n")
     return dest
+
+
+def load_cached(weights: Path, fmt: str, precision: str, load: Callable[[Path], T]) -> T:
+    """``load(path)`` of the cached export; if the runtime cannot load it, export it once more
+    (with a warning) and load that: a damaged cache never stops a run."""
+    dest = cached_export(weights, fmt, precision)
+    try:
+        return load(dest)
+    except Exception as err:  # each runtime raises its own types for an unreadable model; a second failure raises
+        logger.warning("cached %s model %s could not be loaded (%s: %s); exporting it again", fmt, dest,
+                       type(err).__name__, (str(err).splitlines() or [""])[0][:200])
+    _remove_cached(dest)
+    return load(cached_export(weights, fmt, precision))
 
 
 def _torch_runner(weights: Path, device: str, precision: str) -> Runner:
     import torch
 
     # A cached TorchScript of the margin model loads without importing MONAI (4-13 s).
-    module = torch.jit.load(str(cached_export(weights, "torchscript_margin")), map_location=device).eval()
+    module = load_cached(weights, "torchscript_margin", "fp32",
+                         lambda path: torch.jit.load(str(path), map_location=device).eval())
     amp = precision == "fp16" and device.startswith("cuda")
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -113,7 +209,7 @@ def _onnx_runner(weights: Path, device: str, precision: str) -> Runner:
     import onnxruntime as ort
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(cached_export(weights, "onnx")), providers=providers)
+    session = load_cached(weights, "onnx", "fp32", lambda path: ort.InferenceSession(str(path), providers=providers))
     name = session.get_inputs()[0].name
     return Runner(lambda batch: session.run(None, {name: batch})[0], 1, "onnx")
 
@@ -123,15 +219,18 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
 
     if device != "cpu":
         raise ConfigError(f"backend openvino runs on the CPU here; got --device {device}")
-    core = ov.Core()
-    xml = cached_export(weights, "openvino")
-    # OpenVINO's own cache of compiled blobs makes later compilations an import.
-    core.set_property({"CACHE_DIR": str(xml.parent / "openvino_compiled")})
-    model = core.read_model(str(xml))
-    model.reshape([OPENVINO_BATCH, 1, *RECIPE.inference.roi_size])
-    # f32 inference precision: OpenVINO may otherwise pick bf16 where the CPU has it.
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
+
+    def load(xml: Path):
+        core = ov.Core()
+        # OpenVINO's own cache of compiled blobs makes later compilations an import.
+        core.set_property({"CACHE_DIR": str(xml.parent / OPENVINO_COMPILED_DIR)})
+        model = core.read_model(str(xml))
+        model.reshape([OPENVINO_BATCH, 1, *RECIPE.inference.roi_size])
+        # f32 inference precision: OpenVINO may otherwise pick bf16 where the CPU has it.
+        compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+        return compiled.create_infer_request()
+
+    request = load_cached(weights, "openvino", "fp32", load)
 
     def predict(batch: np.ndarray) -> np.ndarray:
         count = len(batch)
@@ -147,8 +246,8 @@ def _tensorrt_runner(weights: Path, device: str, precision: str) -> Runner:
 
     if not device.startswith("cuda"):
         raise ConfigError("backend tensorrt needs --device cuda")
-    engine = cached_export(weights, "tensorrt", precision)
-    return Runner(load_tensorrt_engine(engine, device), TORCH_BATCH, "tensorrt")
+    return Runner(load_cached(weights, "tensorrt", precision, lambda path: load_tensorrt_engine(path, device)),
+                  TORCH_BATCH, "tensorrt")
 
 
 RUNNERS = {"torch": _torch_runner, "onnx": _onnx_runner, "openvino": _openvino_runner, "tensorrt": _tensorrt_runner}

@@ -9,6 +9,7 @@ official one does. Every file is written atomically.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,14 +70,13 @@ def export_openvino(weights: Path, dest: Path) -> Path:
     """OpenVINO IR (``.xml`` + ``.bin``) converted from the ONNX export."""
     import openvino as ov
 
-    onnx_path = dest.with_suffix(".onnx")
-    if not onnx_path.exists():
-        export_onnx(weights, onnx_path)
-    model = ov.convert_model(str(onnx_path))
-    # The .bin is renamed first and the .xml last: a present .xml means a complete pair.
-    with atomic_path(dest) as tmp_xml, atomic_path(dest.with_suffix(".bin")) as tmp_bin:
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        tmp_xml.with_suffix(".bin").replace(tmp_bin)
+    # A fresh intermediate ONNX each time: one left beside ``dest`` could hold other weights.
+    with tempfile.TemporaryDirectory(prefix="spleen-seg-export-") as work:
+        model = ov.convert_model(str(export_onnx(weights, Path(work) / "margin.onnx")))
+        # The .bin is renamed first and the .xml last: a present .xml means a complete pair.
+        with atomic_path(dest) as tmp_xml, atomic_path(dest.with_suffix(".bin")) as tmp_bin:
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+            tmp_xml.with_suffix(".bin").replace(tmp_bin)
     return dest
 
 
@@ -108,10 +108,15 @@ def export_tensorrt(weights: Path, dest: Path, precision: str) -> Path:
         import tensorrt as trt
     except ImportError as err:
         raise ConfigError("TensorRT export needs the 'tensorrt' package and a CUDA GPU (pip install tensorrt)") from err
+    with tempfile.TemporaryDirectory(prefix="spleen-seg-export-") as work:
+        serialized = _build_tensorrt(trt, export_onnx(weights, Path(work) / "margin.onnx"), precision)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    return dest
+
+
+def _build_tensorrt(trt, onnx_path: Path, precision: str):
     roi = RECIPE.inference.roi_size
-    onnx_path = dest.with_suffix(".onnx")
-    if not onnx_path.exists():
-        export_onnx(weights, onnx_path)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(0)
@@ -128,9 +133,7 @@ def export_tensorrt(weights: Path, dest: Path, precision: str) -> Path:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT engine build failed")
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(bytes(serialized))
-    return dest
+    return serialized
 
 
 def load_tensorrt_engine(engine_path: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -6,6 +6,10 @@ for the exact savings).
 
 from __future__ import annotations
 
+import logging
+import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +18,79 @@ import numpy as np
 
 from spleen_seg.config import RECIPE, Recipe
 from spleen_seg.io.nifti import Geometry
-from spleen_seg.pipeline.backends import Runner, make_runner
-from spleen_seg.pipeline.resample import Reorientation, index_box, resample_linear, spacing_grid
+from spleen_seg.pipeline.backends import Runner, make_runner, resolve_backend
+from spleen_seg.pipeline.memory import require_case_memory
+from spleen_seg.pipeline.resample import (
+    RESAMPLE_CHUNK_BYTES,
+    Reorientation,
+    index_box,
+    pass_order,
+    resample_linear,
+    spacing_grid,
+)
 from spleen_seg.pipeline.windows import WindowStats, spleen_margin
+
+logger = logging.getLogger(__name__)
+
+FLAG_CUDA_OOM = "cuda_out_of_memory"
+# The inversion interpolates the spleen's box in slabs of at most this many voxels.
+INVERT_SLAB_VOXELS = RESAMPLE_CHUNK_BYTES // 4
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory error: torch's ``OutOfMemoryError``, or a runtime's error
+    whose message says so (ONNX Runtime's CUDA provider, TensorRT through torch buffers).
+    A host ``MemoryError`` is not one: the CPU would not have more memory."""
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def _release_device_memory() -> None:
+    torch = sys.modules.get("torch")  # only if a CUDA runtime was ever imported
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _OutOfMemoryRetry:
+    """Runs window batches; on device out of memory halves the batch down to one window,
+    then continues with the CPU runner that ``fallback`` builds. ``warn`` records each step."""
+
+    def __init__(self, runner: Runner, fallback: Callable[[], Runner] | None, warn: Callable[[str], None]) -> None:
+        self.runner = runner
+        self.batch_size = runner.batch_size
+        self.fallback = fallback
+        self.warn = warn
+        self.on_cpu = False
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        outputs = []
+        start = 0
+        while start < len(batch):
+            part = batch[start : start + self.batch_size]
+            try:
+                outputs.append(self.runner(part))
+            except Exception as err:  # runtimes raise their own types; anything but out of memory goes on up
+                if self.on_cpu or not is_out_of_memory(err):
+                    raise
+                self._shrink(err)
+                continue
+            start += len(part)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _shrink(self, err: Exception) -> None:
+        _release_device_memory()
+        if self.batch_size > 1:
+            smaller = max(1, self.batch_size // 2)
+            self.warn(f"{FLAG_CUDA_OOM}: sliding-window batch reduced from {self.batch_size} to {smaller} windows "
+                      f"after device out of memory")
+            self.batch_size = smaller
+        elif self.fallback is None:
+            raise err
+        else:
+            self.warn(f"{FLAG_CUDA_OOM}: out of device memory with one window per batch; the remaining windows "
+                      "were computed on the CPU (slower)")
+            self.runner = self.fallback()
+            self.batch_size = self.runner.batch_size
+            self.on_cpu = True
 
 
 @dataclass
@@ -44,14 +118,24 @@ class Segmenter:
     focus_radius: int | None = RECIPE.inference.focus_radius
     # On "cuda..." the resampling, windowing and inversion run on the GPU (torch tensors).
     device: str = "cpu"
+    # Builds a CPU runner for when the device runs out of memory even at one window a batch.
+    fallback: Callable[[], Runner] | None = None
     last_windows: WindowStats | None = field(default=None, init=False)
+    # What the last ``predict`` had to change to finish (out of memory): for the report.
+    last_warnings: list[str] = field(default_factory=list, init=False)
+    # Where resampling and inversion run in this ``predict`` (the CPU after out of memory).
+    _array_device: str = field(default="cpu", init=False, repr=False)
 
     def _to_device(self, array: np.ndarray):
-        if not self.device.startswith("cuda"):
+        if not self._array_device.startswith("cuda"):
             return array
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self._array_device)
+
+    def _warn(self, message: str) -> None:
+        logger.warning(message)
+        self.last_warnings.append(message)
 
     def preprocess(self, array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Reorientation]:
         """(X, Y, Z) HU -> (windowed image on the 1.5 x 1.5 x 2 mm RAS grid, its affine, reorientation)."""
@@ -73,21 +157,46 @@ class Segmenter:
     def predict(self, array: np.ndarray, geometry: Geometry, source: str | Path = "") -> np.ndarray:
         """Segment one volume. ``array``: (X, Y, Z) HU in file voxel order.
 
-        Returns a uint8 mask of shape (X, Y, Z) on the input grid, 1 = spleen.
+        Returns a uint8 mask of shape (X, Y, Z) on the input grid, 1 = spleen. Raises
+        ``ResourceError`` before allocating when the case's estimated memory is not free.
+        On CUDA, out of memory shrinks the window batch, then moves to the CPU; each step
+        is in ``last_warnings``.
         """
+        self.last_warnings = []
+        require_case_memory(geometry.shape, geometry.affine_ras, source or "input volume")
+        self._array_device = self.device
+        try:
+            return self._predict(array, geometry)
+        except Exception as err:  # see _OutOfMemoryRetry: only device out of memory is handled
+            if not (self._array_device.startswith("cuda") and is_out_of_memory(err)):
+                raise
+        _release_device_memory()
+        self._warn(f"{FLAG_CUDA_OOM}: out of device memory while resampling or inverting; the case was computed "
+                   "again on the CPU (slower)")
+        self._array_device = "cpu"
+        return self._predict(array, geometry)
+
+    def _predict(self, array: np.ndarray, geometry: Geometry) -> np.ndarray:
         image, grid_affine, reorientation = self.preprocess(array, geometry)
         if self.mirror_xy:
             image = np.ascontiguousarray(image[::-1, ::-1])
         inf = self.recipe.inference
+        runner = _OutOfMemoryRetry(self.runner, self.fallback, self._warn)
         margin, self.last_windows = spleen_margin(
-            image, self.runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
+            image, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
         )
+        del image  # the inversion needs only the margin: release the windowed image first
         if self.mirror_xy:
             margin = margin[::-1, ::-1]
         ras_affine = reorientation.affine(geometry.affine_ras)
-        mask_ras = invert_margin(self._to_device(margin), grid_affine, reorientation.ras_shape, ras_affine)
-        mask = reorientation.undo(mask_ras)
-        mask = np.ascontiguousarray(mask if isinstance(mask, np.ndarray) else mask.cpu().numpy())
+        margin = self._to_device(margin)
+        if isinstance(margin, np.ndarray):
+            # Written through the RAS view into the input-ordered mask: no reoriented copy.
+            mask = np.zeros(geometry.shape, dtype=np.uint8)
+            invert_margin(margin, grid_affine, reorientation.ras_shape, ras_affine, out=reorientation.apply(mask))
+        else:
+            mask = np.ascontiguousarray(reorientation.undo(
+                invert_margin(margin, grid_affine, reorientation.ras_shape, ras_affine)).cpu().numpy())
         if mask.shape != geometry.shape:
             raise RuntimeError(f"inverted mask shape {mask.shape} differs from input {geometry.shape}")
         return mask
@@ -96,10 +205,14 @@ class Segmenter:
 def _positive_box(margin) -> tuple[list[int], list[int]] | None:
     """(first, last) index per axis of the voxels with a positive margin; None if there are none."""
     if isinstance(margin, np.ndarray):
-        index = np.nonzero(margin > 0)
-        if index[0].size == 0:
+        # Per-axis projections of the sign: no index arrays, which a network marking much
+        # of the volume would make 24 bytes per positive voxel.
+        positive = margin > 0
+        spans = [np.flatnonzero(positive.any(axis=tuple(a for a in range(positive.ndim) if a != axis)))
+                 for axis in range(positive.ndim)]
+        if spans[0].size == 0:
             return None
-        return [int(ix.min()) for ix in index], [int(ix.max()) for ix in index]
+        return [int(span[0]) for span in spans], [int(span[-1]) for span in spans]
     import torch
 
     found = torch.nonzero(margin > 0)
@@ -108,18 +221,20 @@ def _positive_box(margin) -> tuple[list[int], list[int]] | None:
     return found.min(dim=0).values.tolist(), found.max(dim=0).values.tolist()
 
 
-def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], ras_affine: np.ndarray):
+def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], ras_affine: np.ndarray,
+                  out: np.ndarray | None = None):
     """Spleen mask on the RAS input grid from the margin on the preprocessed grid.
 
     Interpolates ``p1 - p0 = tanh(margin / 2)`` trilinearly (as ``Invertd`` does for the
     two softmax channels) and only inside the box of positive margin: outside it every
     interpolation neighbour is negative, so the mask is 0 there. ``margin`` is a numpy
-    array or a torch tensor; the mask (uint8) is of the same kind and device.
+    array or a torch tensor; the mask (uint8) is of the same kind and device. ``out``: a
+    zeroed uint8 numpy array (or view) of ``ras_shape`` to write the mask into.
     """
     mask: Any
     tanh: Any
     if isinstance(margin, np.ndarray):
-        mask = np.zeros(ras_shape, dtype=np.uint8)
+        mask = np.zeros(ras_shape, dtype=np.uint8) if out is None else out
         tanh = np.tanh
     else:
         import torch
@@ -137,9 +252,17 @@ def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], r
     dst_shape = tuple(b.stop - b.start for b in dst_box)
     if min(dst_shape) <= 0:
         return mask
-    # Map destination voxels into the crop's index space (border padding as MONAI).
-    values = resample_linear(probs, crop_affine, ras_affine, dst_shape, tuple(b.start for b in dst_box))
-    mask[dst_box] = values > 0
+    # Map destination voxels into the crop's index space (border padding as MONAI), in
+    # slabs along the axis interpolated first (so each slab's later passes stay slab-sized),
+    # with the whole box's pass order: every voxel is computed as in one call.
+    order = pass_order(tuple(probs.shape), dst_shape)
+    axis = order[0]
+    depth = max(1, INVERT_SLAB_VOXELS * dst_shape[axis] // math.prod(dst_shape))
+    for first in range(dst_box[axis].start, dst_box[axis].stop, depth):
+        slab = tuple(slice(first, min(first + depth, b.stop)) if a == axis else b for a, b in enumerate(dst_box))
+        values = resample_linear(probs, crop_affine, ras_affine, tuple(b.stop - b.start for b in slab),
+                                 tuple(b.start for b in slab), order=order)
+        mask[slab] = values > 0
     return mask
 
 
@@ -150,6 +273,10 @@ def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_
     ``precision="fp16"``: AMP autocast for torch on CUDA, an fp16 engine for TensorRT.
     """
     focus = None if all_windows else RECIPE.inference.focus_radius
+
+    def cpu_runner() -> Runner:
+        return make_runner(weights, resolve_backend("auto", "cpu"), "cpu")
+
     return Segmenter(runner=make_runner(weights, backend, device, precision), mirror_xy=mirror_xy, progress=progress,
-                     focus_radius=focus, device=device)
+                     focus_radius=focus, device=device, fallback=cpu_runner if device.startswith("cuda") else None)
 

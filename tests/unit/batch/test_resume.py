@@ -39,6 +39,7 @@ class ThresholdSegmenter:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.last_warnings: list[str] = []
 
     def predict(self, array, geometry, source=""):
         self.calls.append(Path(source).name)
@@ -278,3 +279,28 @@ def test_case_ids_never_name_the_output_folder_itself(tmp_path):
     from spleen_seg.batch.inputs import unique_case_ids
 
     assert unique_case_ids([tmp_path / ".nii.gz", tmp_path / "..nii", tmp_path / "a.nii"]) == ["case", "case_2", "a"]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_short_memory_reads_in_turn_instead_of_ahead(batch, network, monkeypatch, caplog):
+    """Each case fits alone but not beside the next one's read: no read ahead, every case done."""
+    import spleen_seg.pipeline.memory as memory
+
+    need = memory.estimate_case_memory((24, 22, 16), (1.5, 1.5, 2.0)).peak_bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda: need + memory.HEADROOM_BYTES)
+    with caplog.at_level("INFO", logger="spleen_seg.batch.run"):
+        results = run(batch)
+    assert [r.status for r in results] == ["ok"] * len(CASES)
+    assert sum("not reading" in record.getMessage() for record in caplog.records) == len(CASES) - 1
+
+
+def test_a_case_that_cannot_fit_fails_alone_naming_what_it_needs(batch, network, monkeypatch):
+    import spleen_seg.pipeline.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    results = run(batch)
+    assert [r.status for r in results] == ["failed"] * len(CASES)
+    assert all("needs ~" in r.error and "free" in r.error and r.error.endswith("(ResourceError)") for r in results)
+    assert network.calls == []

@@ -25,11 +25,15 @@ TARGET = "PACS@127.0.0.1:104"
 class ThresholdSegmenter:
     """Stands in for the network: spleen = voxels above 100 HU."""
 
+    last_warnings: list[str] = []
+
     def predict(self, array, geometry, path):
         return (array > 100).astype(np.uint8)
 
 
 class CrashingSegmenter:
+    last_warnings: list[str] = []
+
     def predict(self, array, geometry, path):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 

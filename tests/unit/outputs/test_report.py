@@ -16,6 +16,7 @@ from spleen_seg.outputs.report import (
     SPLENOMEGALY_THRESHOLD_ML,
     anatomical_check,
     build_report,
+    check_geometry,
     check_intensity,
     extents_mm,
     intensity_warning,
@@ -150,6 +151,42 @@ def test_intensity_check_flags_mr_like_images_and_strict_refuses():
     image, _, _ = body_with_spleen()
     assert intensity_warning(image) is None
     assert check_intensity(image, "ct", strict=True) == []
+
+
+def test_ct_stored_without_its_hu_offset_warns_and_strict_refuses():
+    """0..4095 (air at 0): the non-CT warning as before, with a hint; --strict refuses."""
+    image, _, _ = body_with_spleen()
+    unsigned = image + 1024.0
+    assert unsigned.min() == 24.0 and unsigned.max() < 4096
+    warnings = check_intensity(unsigned, "ct_no_offset.nii.gz", strict=False)
+    assert len(warnings) == 1 and warnings[0].startswith("non_ct_intensity")
+    assert "without its -1024 HU offset" in warnings[0]
+    with pytest.raises(InputImageError, match=r"ct_no_offset\.nii\.gz: .*-1024 HU offset.*--strict"):
+        check_intensity(unsigned, "ct_no_offset.nii.gz", strict=True)
+    mr = np.random.default_rng(0).uniform(0, 9000, size=(30, 30, 10)).astype(np.float32)
+    assert "HU offset" not in intensity_warning(mr)
+
+
+def test_header_assumptions_reach_the_report_and_strict_refuses_them():
+    image, mask, affine = body_with_spleen()
+    assumed = "header without orientation (qform_code = sform_code = 0): assumed nibabel's default"
+    geometry = Geometry(image.shape, affine, warnings=(assumed,))
+    report = build_report("c", "s", mask, image, geometry, keep_components(mask, False), ["non_ct_intensity: x"])
+    assert report.warnings[:2] == [assumed, "non_ct_intensity: x"]
+    assert json.loads(report.to_json())["warnings"][0] == assumed
+    assert check_geometry(geometry, "s.nii", strict=False) == [assumed]
+    with pytest.raises(InputImageError, match=r"s\.nii: header without orientation .*--strict"):
+        check_geometry(geometry, "s.nii", strict=True)
+    assert check_geometry(Geometry(image.shape, affine), "s.nii", strict=True) == []
+
+
+def test_components_keep_the_mask_without_copying_it():
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[2:5, 2:5, 2:5] = 1
+    mask[20:22, 20:22, 20:22] = 1
+    assert keep_components(mask, largest_only=False).mask is mask
+    largest = keep_components(mask, largest_only=True)
+    assert largest.mask is not mask and int(largest.mask.sum()) == 27 and int(mask.sum()) == 35
 
 
 def test_summary_csv_rows(tmp_path):

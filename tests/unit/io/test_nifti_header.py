@@ -1,0 +1,240 @@
+"""read_volume's header guards: declared size against the file, orientation oddities, fuzzed headers."""
+
+import gzip
+import resource
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from spleen_seg.errors import InputImageError, ResourceError, SpleenSegError
+from spleen_seg.io import nifti
+from spleen_seg.io.nifti import read_geometry, read_volume, write_mask
+
+AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
+MB = 1 << 20
+
+
+def _ct(shape=(12, 10, 8)) -> np.ndarray:
+    return (np.random.default_rng(0).normal(size=shape) * 100).astype(np.int16)
+
+
+def _write(path, header: nib.Nifti1Header, data: np.ndarray) -> None:
+    """Header and voxels as stored bytes, bypassing nibabel's fixes (single-file .nii or .nii.gz)."""
+    header = header.copy()
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + data.astype(header.get_data_dtype()).tobytes(order="F")
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def _header(data: np.ndarray, *, sform=1, qform=1, affine=AFFINE) -> nib.Nifti1Header:
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=sform)
+    image.set_qform(affine, code=qform)
+    image.update_header()
+    return image.header
+
+
+def _huge_header(dtype) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_data_dtype(dtype)
+    header.set_sform(AFFINE, code=1)
+    return header
+
+
+@pytest.mark.parametrize("name, dtype, declared", [
+    ("huge.nii", np.int16, "4000x4000x4000 int16 voxels (128.0 GB) at offset 352 but the file holds 1.0 kB"),
+    ("huge.nii.gz", np.int16, "4000x4000x4000 int16 voxels (128.0 GB) but the compressed file holds"),
+    ("huge.nii.gz", np.float32, "4000x4000x4000 float32 voxels (256.0 GB) but the compressed file holds"),
+])
+def test_a_1kb_file_declaring_4000_cubed_voxels_is_refused_without_allocating(tmp_path, name, dtype, declared):
+    path = tmp_path / name
+    _write(path, _huge_header(dtype), np.zeros(336, dtype=np.int16))  # 1,024 bytes as .nii
+    assert path.stat().st_size <= 1024
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputImageError, match="truncated file or corrupt header") as err:
+            read_volume(path)
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert declared in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    assert traced_peak < 4 * MB  # nothing volume-sized was allocated
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before < 64 * MB
+    with pytest.raises(InputImageError, match="truncated file or corrupt header"):
+        read_geometry(path)
+
+
+def test_a_volume_larger_than_the_memory_budget_is_a_resource_error(tmp_path, monkeypatch):
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(_ct((64, 64, 64)), AFFINE), str(path))
+    with pytest.raises(ResourceError, match=r"reading needs ~1\.0 MB \(64x64x64 voxels as float32\), 100\.0 kB free"):
+        read_volume(path, max_bytes=100_000)
+    assert read_volume(path, max_bytes=2_000_000)[0].shape == (64, 64, 64)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(nifti.np, "empty", no_memory)
+    with pytest.raises(ResourceError, match="more than this machine can allocate"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_slab_reading_equals_nibabel_whole_read(tmp_path, suffix, monkeypatch):
+    """Scaled int16 in many slabs gives exactly nibabel's float32 array."""
+    monkeypatch.setattr(nifti, "READ_SLAB_BYTES", 4096)  # 2 slices per slab
+    image = nib.Nifti1Image(_ct((32, 16, 21)), AFFINE)
+    image.header.set_slope_inter(0.7, -1024.3)
+    path = tmp_path / f"ct{suffix}"
+    nib.save(image, str(path))
+    array, _ = read_volume(path)
+    expected = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    assert array.dtype == np.float32 and array.shape == (32, 16, 21)
+    np.testing.assert_array_equal(array, expected)
+
+
+def test_nan_in_a_late_slab_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(nifti, "READ_SLAB_BYTES", 2048)
+    data = np.random.default_rng(0).normal(size=(16, 16, 10)).astype(np.float32)
+    data[3, 4, 9] = np.inf
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "ct.nii"))
+    with pytest.raises(InputImageError, match="NaN or infinite"):
+        read_volume(tmp_path / "ct.nii")
+
+
+def test_no_orientation_with_positive_pixdim_is_read_as_nibabel_does_with_a_loud_warning(tmp_path):
+    data = _ct()
+    path = tmp_path / "ct.nii"
+    _write(path, _header(data, sform=0, qform=0), data)
+    array, geometry = read_volume(path)
+    assert geometry.axcodes == "LAS"  # nibabel's (and so MONAI's) reading of such a header
+    assert geometry.spacing_mm == pytest.approx((0.8, 0.8, 2.5))
+    np.testing.assert_allclose(geometry.affine_ras, nib.load(str(path)).affine)
+    assert len(geometry.warnings) == 1 and "qform_code = sform_code = 0" in geometry.warnings[0]
+    assert "assumed" in geometry.warnings[0] and "LAS" in geometry.warnings[0]
+
+
+@pytest.mark.parametrize("pixdim, sform, qform, message", [
+    ((0.0, 0.8, 2.5), 0, 0, r"no orientation .* pixdim\[1\.\.3\] = \(0, 0\.8, 2\.5\) is not positive"),
+    ((-0.8, 0.8, 2.5), 0, 0, r"no orientation .* pixdim\[1\.\.3\] = \(-0\.8, 0\.8, 2\.5\) is not positive"),
+    ((0.8, np.nan, 2.5), 0, 0, "is not positive"),
+    ((0.8, 0.0, 2.5), 0, 1, r"qform's voxel size pixdim\[1\.\.3\] = \(0\.8, 0, 2\.5\) is zero"),
+])
+def test_unusable_voxel_sizes_are_clear_errors(tmp_path, pixdim, sform, qform, message):
+    data = _ct()
+    header = _header(data, sform=sform, qform=qform)
+    header["pixdim"][1:4] = pixdim
+    path = tmp_path / "ct.nii"
+    _write(path, header, data)
+    with pytest.raises(InputImageError, match=message) as err:
+        read_volume(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_negative_pixdim_under_a_qform_is_read_as_its_absolute_value_with_a_warning(tmp_path):
+    data = _ct()
+    header = _header(data, sform=0, qform=1)
+    header["pixdim"][1] = -0.8
+    path = tmp_path / "ct.nii"
+    _write(path, header, data)
+    _, geometry = read_volume(path)
+    assert geometry.spacing_mm == pytest.approx((0.8, 0.8, 2.5))
+    assert any("pixdim[1,2,3] should be positive" in w for w in geometry.warnings)
+
+
+@pytest.mark.parametrize("field, index, value, sform, message", [
+    ("srow_y", 1, np.nan, 1, r"sform \(sform_code 1\) holds NaN or infinite values"),
+    ("quatern_b", None, 2.0, 0, "qform quaternion .* is not a rotation"),
+])
+def test_broken_orientation_fields_are_clear_errors(tmp_path, field, index, value, sform, message):
+    data = _ct()
+    header = _header(data, sform=sform, qform=1)
+    if index is None:
+        header[field] = value
+    else:
+        header[field][index] = value
+    _write(tmp_path / "ct.nii.gz", header, data)
+    with pytest.raises(InputImageError, match=message):
+        read_volume(tmp_path / "ct.nii.gz")
+
+
+def test_invalid_quaternion_beside_a_valid_sform_warns_and_the_mask_keeps_the_sform(tmp_path):
+    data = _ct()
+    header = _header(data, sform=1, qform=1)
+    header["quatern_b"] = 2.0
+    _write(tmp_path / "ct.nii", header, data)
+    _, geometry = read_volume(tmp_path / "ct.nii")
+    np.testing.assert_allclose(geometry.affine_ras, AFFINE)
+    assert any("qform is not a valid rotation" in w for w in geometry.warnings)
+    mask = np.zeros(geometry.shape, np.uint8)
+    mask[2:5, 3:6, 1:4] = 1
+    written = nib.load(str(write_mask(mask, geometry, tmp_path / "mask.nii.gz")))
+    np.testing.assert_allclose(written.get_qform(), AFFINE, atol=1e-6)
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, index, value, message", [
+    ("srow_y", 1, 32767.0, "field of view .* larger than any body"),
+    ("srow_x", 2, -1e30, "sform"),
+    ("scl_inter", None, np.nan, "not a readable NIfTI image|unusable header|corrupt"),
+    ("vox_offset", None, np.inf, "not a readable NIfTI image|unusable header"),
+])
+def test_fuzzed_header_fields_give_input_errors(tmp_path, field, index, value, message):
+    data = _ct()
+    header = _header(data)
+    if field == "scl_inter":
+        header["scl_slope"] = -1.0
+    raw = header.binaryblock
+    header = nib.Nifti1Header(raw, check=False)
+    if index is None:
+        header[field] = value
+    else:
+        header[field][index] = value
+    path = tmp_path / "ct.nii"
+    body = header.binaryblock + b"\0" * 4 + data.tobytes(order="F")
+    path.write_bytes(body)
+    with pytest.raises(InputImageError, match=message):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("shape, ok", [((6, 5, 4, 1), True), ((6, 5, 4, 1, 1), True), ((6, 5, 4, 1, 3), False)])
+def test_trailing_singleton_axes_are_squeezed(tmp_path, shape, ok):
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "ct.nii.gz"))
+    if ok:
+        array, geometry = read_volume(tmp_path / "ct.nii.gz")
+        assert array.shape == geometry.shape == (6, 5, 4)
+        np.testing.assert_array_equal(array, data.reshape(6, 5, 4))
+    else:
+        with pytest.raises(InputImageError, match="expected a 3D volume, got 5D"):
+            read_volume(tmp_path / "ct.nii.gz")
+
+
+def test_random_header_bytes_give_project_errors_only(tmp_path):
+    """Seeded fuzz: a few random bytes of the header changed; each file reads, or is one
+    project error; what reads gets a memory estimate and writes a mask without exception."""
+    from spleen_seg.pipeline.memory import estimate_case_memory
+
+    data = _ct((20, 22, 18))
+    base = bytearray(_header(data).binaryblock + b"\0" * 4 + data.tobytes(order="F"))
+    rng = np.random.default_rng(7)
+    outcomes = {"read": 0, "refused": 0}
+    for index in range(150):
+        raw = bytearray(base)
+        for position in rng.integers(0, 348, size=rng.integers(1, 4)):
+            raw[int(position)] = int(rng.integers(0, 256))
+        path = tmp_path / f"fuzz_{index}.nii"
+        path.write_bytes(bytes(raw))
+        try:
+            array, geometry = read_volume(path)
+            estimate_case_memory(geometry.shape, geometry.affine_ras)
+            write_mask((array > 0).astype(np.uint8), geometry, tmp_path / "mask.nii.gz")
+            outcomes["read"] += 1
+        except SpleenSegError as err:
+            assert str(path) in str(err) and "\n" not in str(err)
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 50 and outcomes["refused"] > 5, outcomes
