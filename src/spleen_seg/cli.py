@@ -87,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation in CT (MONAI bundle compatible)")
     parser.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
-    # -q also after the subcommand; SUPPRESS keeps a -q given before it.
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug log lines, library warnings and tracebacks of unexpected errors")
+    # -q/-v also after the subcommand; SUPPRESS keeps a flag given before it.
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
+    quiet.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug log lines, library warnings and tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", parents=[quiet], help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
@@ -287,19 +291,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _line(text: str, stream=None) -> None:
+    """Write one whole line in a single call, so that no other thread's output lands inside it."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def _print_case(result: CaseResult) -> None:
     """One line per case as it finishes: stdout for results and skips, stderr for warnings and errors."""
     if result.reused:
-        print(f"skipped, already done: {result.case}", flush=True)
+        _line(f"skipped, already done: {result.case}")
         return
     if result.error is not None:
-        print(f"error: {result.error}", file=sys.stderr, flush=True)
+        _line(f"error: {result.error}", sys.stderr)
         return
     found = f"spleen {result.spleen_ml:.1f} mL" if result.status == "ok" else "spleen not found"
     folder = result.output.parent if result.output is not None else result.case
-    print(f"{result.source}: {found} -> {folder} ({result.seconds:.1f} s)", flush=True)
+    _line(f"{result.source}: {found} -> {folder} ({result.seconds:.1f} s)")
     for warning in result.report.warnings if result.report is not None else []:
-        print(f"warning: {result.case}: {warning}", file=sys.stderr, flush=True)
+        _line(f"warning: {result.case}: {warning}", sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -396,7 +407,16 @@ COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_seg
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    verbose = getattr(args, "verbose", False)
+    level = logging.DEBUG if verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    # Library warnings (pydicom on a damaged header, nibabel...) go through logging, whose
+    # handler writes whole records: printed by the warnings module from a reading thread
+    # they could land inside another line. Shown with -v; what matters to the user is in
+    # our own error and warning lines and in report.json.
+    logging.captureWarnings(True)
+    if not verbose:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except SpleenSegError as err:
