@@ -101,7 +101,7 @@ def test_bad_slice_positions_are_rejected(tmp_path, positions, message):
     assert str(tmp_path / "ct") in str(err.value)
 
 
-def test_single_slice_is_not_arandom_volume(tmp_path):
+def test_single_slice_is_not_a_volume(tmp_path):
     write_series(tmp_path / "ct", random_volume(shape=(6, 5, 1)))
     with pytest.raises(InputImageError, match="single slice is not a 3D volume"):
         read_series(only_series(tmp_path / "ct"))
