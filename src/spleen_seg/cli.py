@@ -296,7 +296,7 @@ def _interrupt_on_sigterm() -> list[int]:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from spleen_seg.batch.case import SegmentOptions
-    from spleen_seg.batch.inputs import collect_cases, read_manifest, select_part
+    from spleen_seg.batch.inputs import collect_cases, collect_part, read_manifest
     from spleen_seg.batch.run import segment_files
     from spleen_seg.batch.summary import SUMMARY_FILENAME
     from spleen_seg.errors import ConfigError
@@ -314,11 +314,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
                              precision=args.precision)
     terminated = _interrupt_on_sigterm()
     try:
-        inputs, cases = collect_cases(args.inputs, manifest)
-        if part is not None:
-            total = len(inputs)
-            inputs, cases = select_part(inputs, cases, part)
-            logging.getLogger(__name__).info("part %d of %d: %d of %d cases", part.index, part.count, len(inputs), total)
+        if part is None:
+            inputs, cases = collect_cases(args.inputs, manifest)
+        else:
+            inputs, cases = collect_part(args.inputs, manifest, part)
+            logging.getLogger(__name__).info("part %d of %d: %d cases", part.index, part.count, len(inputs))
         results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
                                 options=options, overwrite=args.overwrite, on_result=_print_case, cases=cases,
                                 part=part)

@@ -155,10 +155,34 @@ def collect_cases(inputs: Sequence[str | Path], manifest: Sequence[ManifestRow] 
     folder of NIfTI files, several CT series) they are ``<case_id>_<their own id>``. Other
     cases are named as :func:`unique_case_ids` names them, never taking a manifest's id.
     """
+    entries = [(Path(path), None) for path in inputs] + [(row.path, row.case_id) for row in manifest]
+    return _collect(entries, frozenset())
+
+
+def collect_part(inputs: Sequence[str | Path], manifest: Sequence[ManifestRow],
+                 part: Part) -> tuple[list[InputItem], list[str]]:
+    """The inputs and case ids of ``part``: :func:`collect_cases` then :func:`select_part`, or cheaper.
+
+    When every input is a manifest row with a ``case_id``, the ids are known without looking at
+    the files: the rows are dealt out by case id and only this part's rows are expanded, so a
+    DICOM folder is searched for its series by one task of the array instead of by all of
+    them. A row of several cases (``<case_id>_<own id>``) then stays in one part. Either way a
+    case's id does not depend on the number of parts.
+    """
+    if inputs or not manifest or any(row.case_id is None for row in manifest):
+        items, cases = collect_cases(inputs, manifest)
+        return select_part(items, cases, part)
+    mine = sorted(manifest, key=lambda row: str(row.case_id))[part.index::part.count]
+    mine.sort(key=lambda row: row.line)
+    return _collect([(row.path, row.case_id) for row in mine],
+                    frozenset(str(row.case_id) for row in manifest))
+
+
+def _collect(entries: Sequence[tuple[Path, str | None]], reserved: frozenset[str]) -> tuple[list[InputItem], list[str]]:
+    """Expand ``(path, case_id or None)`` entries into inputs and ids; ``reserved``: ids of other entries."""
     items: list[InputItem] = []
     bases: list[str] = []
     chosen: list[bool] = []
-    entries = [(Path(path), None) for path in inputs] + [(row.path, row.case_id) for row in manifest]
     for path, case in entries:
         expanded = collect_inputs([path])
         for item in expanded:
@@ -169,7 +193,7 @@ def collect_cases(inputs: Sequence[str | Path], manifest: Sequence[ManifestRow] 
                 bases.append(base)
             else:
                 bases.append(case if len(expanded) == 1 else f"{case}_{base}")
-    return items, _assign_ids(bases, chosen)
+    return items, _assign_ids(bases, chosen, reserved)
 
 
 @dataclass(frozen=True)
@@ -258,10 +282,10 @@ def _base_case_id(item: InputItem) -> str:
     return base
 
 
-def _assign_ids(bases: Sequence[str], chosen: Sequence[bool]) -> list[str]:
+def _assign_ids(bases: Sequence[str], chosen: Sequence[bool], reserved: frozenset[str] = frozenset()) -> list[str]:
     """``bases[i]`` as is where ``chosen[i]`` (a manifest's id, unique); others get ``_2``, ``_3``...
-    when their name is taken (by an earlier case, a chosen id or one of the batch's own files)."""
-    taken = {base for base, fixed in zip(bases, chosen, strict=True) if fixed}
+    when their name is taken (by an earlier case, a chosen or ``reserved`` id, one of the batch's files)."""
+    taken = set(reserved) | {base for base, fixed in zip(bases, chosen, strict=True) if fixed}
     # The next suffix to try per base: 100,000 DICOM folders all named "CT" cost one lookup each, not 100,000.
     next_count: dict[str, int] = {}
     ids: list[str] = []

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+import spleen_seg.batch.inputs as inputs_module
 from spleen_seg.batch.inputs import (
     BATCH_FILE_NAME,
     FailedInput,
     Part,
     collect_cases,
+    collect_part,
     read_manifest,
     select_part,
     unique_case_ids,
@@ -126,6 +128,33 @@ def test_part_dealing_follows_case_id_order(tmp_path):
     # In id order a b c d e, dealt in turn: part 0 gets a, c, e and part 1 b, d, each in input order.
     assert select_part(items, cases, Part(0, 2))[1] == ["a", "c", "e"]
     assert select_part(items, cases, Part(1, 2))[1] == ["d", "b"]
+
+
+def test_a_manifest_with_every_case_id_expands_only_the_rows_of_the_part(tmp_path, monkeypatch):
+    """Each task searches only its own rows (a DICOM tree is scanned once per cohort, not once per task)."""
+    names = ["p5", "p0", "p3", "p1", "p4", "p2"]
+    for name in names:
+        touch(tmp_path / f"folder_{name}" / "scan.nii.gz")
+    touch(tmp_path / "folder_p3" / "other.nii.gz")  # a row of two cases: p3_other, p3_scan
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("path,case_id\n" + "".join(f"folder_{name},{name}\n" for name in names))
+    rows = read_manifest(manifest)
+    expanded: list[str] = []
+    real_expand = inputs_module._expand
+    monkeypatch.setattr(inputs_module, "_expand", lambda item: expanded.append(item.name) or real_expand(item))
+    all_cases = collect_cases([], rows)[1]
+    assert sorted(all_cases) == ["p0", "p1", "p2", "p3_other", "p3_scan", "p4", "p5"]
+    seen = []
+    for index in range(3):
+        expanded.clear()
+        items, cases = collect_part([], rows, Part(index, 3))
+        # Rows in case-id order p0..p5, dealt in turn: part 0 gets p0 and p3, in manifest order.
+        mine = ["p0", "p1", "p2", "p3", "p4", "p5"][index::3]
+        assert expanded == [f"folder_{name}" for name in names if name in mine]
+        assert [item.parent.name for item in items] == [f"folder_{name}" for name in names
+                                                        for _ in range(2 if name == "p3" else 1) if name in mine]
+        seen += cases
+    assert sorted(seen) == sorted(all_cases)
 
 
 @pytest.mark.parametrize("index, count", [(3, 3), (-1, 2)])

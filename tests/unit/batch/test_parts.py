@@ -5,10 +5,15 @@ has every row, and a part run again resumes. A threshold stands in for the netwo
 from __future__ import annotations
 
 import csv
+import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
-from threshold_network import install_threshold_network, sphere
+from threshold_network import ThresholdSegmenter, install_threshold_network, sphere
+
+from spleen_seg import cli
 
 from spleen_seg.batch.case import SegmentOptions
 from spleen_seg.batch.inputs import Part, collect_cases, read_manifest, select_part
@@ -16,6 +21,7 @@ from spleen_seg.batch.run import segment_files
 
 NO_PREVIEW = SegmentOptions(preview=False)
 PARTS = 3
+EXIT_SIGTERM = 128 + signal.SIGTERM
 RADII_VOX = (3, 4, 5, 6, 7, 4.5, 5.5)
 
 
@@ -76,3 +82,29 @@ def test_three_parts_compute_every_case_once_and_merge_every_row(cohort, tmp_pat
         run_part(items, cases, Part(index, 2), out, weights)
     assert network.calls == [] and not list(out.glob("summary.part-*-of-3*"))
     assert [row["case"] for row in summary(out / "summary.csv")] == sorted(cases)
+
+
+class TerminatedOnSecondCase(ThresholdSegmenter):
+    """Sends this process SIGTERM (a scheduler's time limit) while segmenting the second case."""
+
+    def predict(self, array, geometry, source=""):
+        if self.calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().predict(array, geometry, source)
+
+
+def test_sigterm_stops_a_part_like_ctrl_c(cohort, tmp_path, monkeypatch):
+    manifest, weights = cohort
+    install_threshold_network(monkeypatch, TerminatedOnSecondCase())
+    out = tmp_path / "out"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["segment", "--manifest", str(manifest), "-o", str(out), "--weights", str(weights), "-q",
+                         "--device", "cpu", "--num-parts", "1", "--part-id", "0"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == EXIT_SIGTERM
+    rows = summary(out / "summary.csv")
+    assert [(row["case"], row["status"]) for row in rows] == [("patient-0", "ok"), ("s1", "interrupted")]
+    assert json.loads((out / "summary.part-0-of-1.done").read_text())["status"] == "interrupted"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["patient-0"]  # no partial folder
