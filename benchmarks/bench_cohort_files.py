@@ -32,6 +32,7 @@ from spleen_seg.batch.summary import (
 )
 from spleen_seg.outputs.report import FLAG_TOUCHES_BORDER, CaseReport
 
+JOURNAL_LINES = 50  # appends timed (each flushed and fsync'd)
 # A cohort path as NLST's DICOM folders name them (about 110 characters).
 SOURCE = "/data/nlst/{n:06d}/01-02-1999-NLST-LSS-45699/1.000000-0OPAGELSPLUSLUNG3502.51204.00.11.5-{n:05d}"
 
@@ -67,6 +68,26 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure(size: int, parts: int, repeats: int) -> str:
+    """One table line: median seconds of each rewrite for a cohort of ``size`` cases, file sizes."""
+    rows = fake_rows(size)
+    dicts = [row.as_dict() for row in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        csv_s = timed(lambda: write_summary(rows, out / "summary.csv"), repeats)
+        page_s = timed(lambda: write_page(dicts, out), repeats)
+        for index in range(parts):
+            write_summary(rows[index::parts], out / part_summary_name(Part(index, parts)))
+        merge_s = timed(lambda: rebuild_merged(out, parts), repeats)
+        journal = Journal(out / "summary.journal.csv")
+        line_s = timed(lambda: journal.append(rows[0].values()), JOURNAL_LINES)
+        journal.remove()
+        csv_mb = (out / "summary.csv").stat().st_size / 1e6
+        html_mb = (out / "index.html").stat().st_size / 1e6
+    return (f"{size:>8} {csv_s:>11.3f}s {page_s:>10.3f}s {csv_s + page_s:>8.3f}s {merge_s:>9.3f}s "
+            f"{csv_mb:>7.1f} {html_mb:>8.1f} {line_s * 1000:>11.2f}ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -76,22 +97,7 @@ def main() -> int:
     print(f"{'cases':>8} {'summary.csv':>12} {'index.html':>11} {'rewrite':>9} {'merge ' + str(args.parts):>10} "
           f"{'csv MB':>7} {'html MB':>8} {'journal line':>13}")
     for size in args.sizes:
-        rows = fake_rows(size)
-        dicts = [row.as_dict() for row in rows]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            csv_s = timed(lambda: write_summary(rows, out / "summary.csv"), args.repeats)
-            page_s = timed(lambda: write_page(dicts, out), args.repeats)
-            for index in range(args.parts):
-                write_summary(rows[index::args.parts], out / part_summary_name(Part(index, args.parts)))
-            merge_s = timed(lambda: rebuild_merged(out, args.parts), args.repeats)
-            journal = Journal(out / "summary.journal.csv")
-            line_s = timed(lambda: journal.append(rows[0].values()), 50)
-            journal.remove()
-            csv_mb = (out / "summary.csv").stat().st_size / 1e6
-            html_mb = (out / "index.html").stat().st_size / 1e6
-        print(f"{size:>8} {csv_s:>11.3f}s {page_s:>10.3f}s {csv_s + page_s:>8.3f}s {merge_s:>9.3f}s "
-              f"{csv_mb:>7.1f} {html_mb:>8.1f} {line_s * 1000:>11.2f}ms")
+        print(measure(size, args.parts, args.repeats), flush=True)
     return 0
 
 

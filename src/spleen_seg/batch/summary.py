@@ -240,7 +240,8 @@ class LiveSummary:
         leaves ``summary.part-I-of-K.done`` for the parts merging at the same moment.
         """
         self._write_own()
-        complete = self.total is not None and len(self._rows) >= self.total
+        complete = self.total is not None and len(self._rows) >= self.total and all(
+            row.status != "interrupted" for row in self._rows.values())
         if self.part is not None:
             if final or complete:
                 status = "finished" if complete else "interrupted"

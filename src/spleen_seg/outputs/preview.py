@@ -19,7 +19,7 @@ from spleen_seg.io.atomic import atomic_path
 
 PREVIEW_FILENAME = "preview.png"
 # The cohort page shows this instead of the preview: a real CT's preview.png is about 360 kB
-# (1350 x 500), this 400-pixel-wide JPEG about 13 kB, so 1,000 rows weigh 13 MB, not 360 MB.
+# (1350 x 500), this 400-pixel-wide JPEG about 15 kB, so 1,000 rows weigh 15 MB, not 365 MB.
 THUMBNAIL_FILENAME = "preview_thumb.jpg"
 THUMBNAIL_WIDTH_PX = 400
 THUMBNAIL_JPEG_QUALITY = 85

@@ -14,7 +14,6 @@ import pytest
 from threshold_network import ThresholdSegmenter, install_threshold_network, sphere
 
 from spleen_seg import cli
-
 from spleen_seg.batch.case import SegmentOptions
 from spleen_seg.batch.inputs import Part, collect_cases, read_manifest, select_part
 from spleen_seg.batch.run import segment_files
