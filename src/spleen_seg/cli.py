@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from spleen_seg.batch.case import CaseResult
 
 EXIT_USER_ERROR = 2
-# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C; 128 + SIGTERM after SIGTERM.
+EXIT_SIGNAL_BASE = 128
 EXIT_INTERRUPTED = 130
 
 
@@ -97,9 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", parents=[quiet], help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
-    seg.add_argument("inputs", nargs="+", help="NIfTI files (.nii, .nii.gz), folders of them, or DICOM folders")
+    seg.add_argument("inputs", nargs="*", help="NIfTI files (.nii, .nii.gz), folders of them, or DICOM folders")
     seg.add_argument("-o", "--output", type=Path, required=True,
-                     help="output folder: <case>/spleen.nii.gz, report.json, preview.png; summary.csv")
+                     help="output folder: <case>/spleen.nii.gz, report.json, preview.png; summary.csv, index.html")
+    seg.add_argument("--manifest", type=_existing_file, metavar="CSV",
+                     help="CSV listing inputs: a 'path' column (relative to the CSV's folder), optionally 'case_id'")
+    seg.add_argument("--num-parts", type=_positive_int, metavar="K",
+                     help="split the cases into K parts (job array tasks); with --part-id")
+    seg.add_argument("--part-id", type=_non_negative_int, metavar="I",
+                     help="segment part I (0..K-1) of --num-parts K, e.g. --part-id $SLURM_ARRAY_TASK_ID")
     seg.add_argument("--weights", type=_existing_file,
                      help="state dict (models/model.pt) or TorchScript (.ts); default: the cached official weights")
     seg.add_argument("--weights-convention", choices=("msd", "true"),
@@ -164,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
+    merge = sub.add_parser("merge-summaries", parents=[quiet],
+                           help="rebuild OUT/summary.csv and OUT/index.html from the part summaries of "
+                                "segment --num-parts (and the journals of killed runs)")
+    merge.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment")
     _add_node_commands(sub, quiet)
     return parser
 
@@ -263,27 +274,62 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _segment_part(args: argparse.Namespace):
+    """The ``--num-parts``/``--part-id`` pair as a ``Part`` (None without), or a ConfigError."""
+    from spleen_seg.batch.inputs import Part
+    from spleen_seg.errors import ConfigError
+
+    if (args.num_parts is None) != (args.part_id is None):
+        raise ConfigError("--num-parts and --part-id go together: --num-parts K --part-id I with I in 0..K-1")
+    return None if args.num_parts is None else Part(args.part_id, args.num_parts)
+
+
+def _interrupt_on_sigterm() -> list[int]:
+    """Handle SIGTERM (a scheduler's time limit, preemption, scancel) like Ctrl-C; returns the signals caught."""
+    import signal
+
+    caught: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return caught
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from spleen_seg.batch.case import SegmentOptions
-    from spleen_seg.batch.inputs import collect_inputs
+    from spleen_seg.batch.inputs import collect_cases, collect_part, read_manifest
     from spleen_seg.batch.run import segment_files
     from spleen_seg.batch.summary import SUMMARY_FILENAME
+    from spleen_seg.errors import ConfigError
     from spleen_seg.pipeline.backends import resolve_device_name
     from spleen_seg.pipeline.network import default_segment_weights
 
+    if not args.inputs and args.manifest is None:
+        raise ConfigError("no inputs: give NIfTI files, folders or DICOM folders, or --manifest cases.csv")
+    part = _segment_part(args)
+    manifest = read_manifest(args.manifest) if args.manifest is not None else []
     weights = default_segment_weights(args.weights)
     device = resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
                              precision=args.precision)
+    terminated = _interrupt_on_sigterm()
     try:
-        inputs = collect_inputs(args.inputs)
+        if part is None:
+            inputs, cases = collect_cases(args.inputs, manifest)
+        else:
+            inputs, cases = collect_part(args.inputs, manifest, part)
+            logging.getLogger(__name__).info("part %d of %d: %d cases", part.index, part.count, len(inputs))
         results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
-                                options=options, overwrite=args.overwrite, on_result=_print_case)
+                                options=options, overwrite=args.overwrite, on_result=_print_case, cases=cases,
+                                part=part)
     except KeyboardInterrupt:
         print(f"interrupted: the current case was discarded; {args.output / SUMMARY_FILENAME} lists the finished "
               "cases; run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_SIGNAL_BASE + terminated[0] if terminated else EXIT_INTERRUPTED
     failures = [r for r in results if r.error]
     if failures:
         print(f"{len(results) - len(failures)} of {len(results)} inputs segmented; {len(failures)} failed", file=sys.stderr)
@@ -311,6 +357,29 @@ def _print_case(result: CaseResult) -> None:
     _line(f"{result.source}: {found} -> {folder} ({result.seconds:.1f} s)")
     for warning in result.report.warnings if result.report is not None else []:
         _line(f"warning: {result.case}: {warning}", sys.stderr)
+
+
+def cmd_merge_summaries(args: argparse.Namespace) -> int:
+    """Rebuild summary.csv and index.html; exit 2 while a part has not finished."""
+    from collections import Counter
+
+    from spleen_seg.batch.summary import SUMMARY_FILENAME, merge_summaries
+
+    result = merge_summaries(args.output)
+    statuses = Counter(row["status"] for row in result.rows)
+    print(f"{args.output / SUMMARY_FILENAME}: {len(result.rows)} cases ("
+          + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())) + "); index.html rewritten")
+    if result.journal_rows:
+        print(f"{result.journal_rows} of them only in the journals of runs that were killed")
+    if result.count is None:
+        return 0
+    print(f"parts finished: {len(result.finished)} of {result.count}")
+    for label, indices in (("interrupted", result.interrupted), ("not finished (running, or killed)", result.unfinished),
+                           ("not started", result.missing)):
+        if indices:
+            print(f"warning: part(s) {', '.join(map(str, indices))} of {result.count} {label}: run the same command "
+                  "with that --part-id to finish", file=sys.stderr)
+    return 0 if len(result.finished) == result.count else EXIT_USER_ERROR
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -402,7 +471,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node}
+            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries}
 
 
 def main(argv: list[str] | None = None) -> int:

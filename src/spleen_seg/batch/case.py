@@ -132,7 +132,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
                 prefetched: Future | None = None, identity: dict[str, Any] | None = None) -> CaseResult:
     """Read, segment and write one input into ``out_dir/<case>/``; any failure becomes ``CaseResult.error``.
 
-    Writes ``spleen.nii.gz``, ``report.json`` and ``preview.png``; for a DICOM series also
+    Writes ``spleen.nii.gz``, ``report.json``, ``preview.png`` and its thumbnail; for a DICOM series also
     ``spleen_seg.dcm``; with ``options.stl`` also ``spleen.stl`` (not for an empty mask).
     The files are written into a hidden temporary folder renamed to ``<case>`` at the end,
     so a failure or a kill leaves no partial case folder. ``prefetched`` is a future of
@@ -267,11 +267,12 @@ def _write_outputs(mask: np.ndarray, image: np.ndarray, geometry: Geometry, sour
         else:
             report.warnings.append("no STL written: the mask is empty")
     if options.preview:
-        from spleen_seg.outputs.preview import PREVIEW_FILENAME, write_preview
+        from spleen_seg.outputs.preview import PREVIEW_FILENAME, THUMBNAIL_FILENAME, write_preview, write_thumbnail
 
         title = (f"{report.case}: spleen {report.volume_ml:.1f} mL" if report.spleen_found
                  else f"{report.case}: spleen not found")
         outputs["preview"] = write_preview(image, mask, geometry.affine_ras, case_dir / PREVIEW_FILENAME, title)
+        outputs["thumbnail"] = write_thumbnail(outputs["preview"], case_dir / THUMBNAIL_FILENAME)
         lap("preview")
     return outputs
 

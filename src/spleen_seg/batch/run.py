@@ -1,7 +1,7 @@
 """The ``segment`` command's batch driver: resume, read ahead while the network runs, one folder per case, the summary.
 
 A batch never breaks: every case that fails (any ``Exception``) gets a ``failed`` row and
-the batch goes on. ``summary.csv`` is rewritten after every case. Ctrl-C discards the
+the batch goes on. ``summary.csv`` is kept current (``batch.summary``). Ctrl-C discards the
 current case, writes the summary (the interrupted case as ``interrupted``) and re-raises
 ``KeyboardInterrupt``. A case an earlier run finished with the same identity
 (``batch.resume``) is skipped, and the model is not loaded when every case is.
@@ -29,7 +29,7 @@ from spleen_seg.batch.case import (
     warm_output_imports,
     write_run_info,
 )
-from spleen_seg.batch.inputs import InputItem, input_shape, input_source, load_input, unique_case_ids
+from spleen_seg.batch.inputs import InputItem, Part, input_shape, input_source, load_input, unique_case_ids
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
 from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
 
@@ -102,7 +102,7 @@ class _Batch:
                                              error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
             self.summary.record(index, SummaryRow(case=self.cases[index], source=str(source), status="interrupted",
                                                   error=self.results[index].error or ""), write=False)
-        self.summary.write()
+        self.summary.write(final=True)
 
     def ordered_results(self) -> list[CaseResult]:
         return [self.results[index] for index in sorted(self.results)]
@@ -111,7 +111,7 @@ class _Batch:
 def segment_files(
     inputs: list[InputItem], out_dir: Path, weights: Path, device: str, *, backend: str = "auto",
     progress: bool = True, options: SegmentOptions | None = None, overwrite: bool = False,
-    on_result: ResultCallback | None = None,
+    on_result: ResultCallback | None = None, cases: list[str] | None = None, part: Part | None = None,
 ) -> list[CaseResult]:
     """Segment every input into ``out_dir/<case>/``, keeping ``out_dir/summary.csv`` current.
 
@@ -120,7 +120,9 @@ def segment_files(
     ``on_result`` is called with each case's result as soon as it is known (skipped cases
     first). Weights trained under the MSD orientation convention see their inputs mirrored
     left-right and front-back (``Segmenter.mirror_xy``). Returns the results in input
-    order; Ctrl-C writes the summary and re-raises ``KeyboardInterrupt``.
+    order; Ctrl-C writes the summary and re-raises ``KeyboardInterrupt``. ``cases``: the inputs'
+    case ids (default ``unique_case_ids``); ``part``: this run is that part of a job array
+    (``batch.summary`` merges the parts' summaries).
     """
     from spleen_seg.io.download import file_sha256
     from spleen_seg.pipeline.network import weights_orientation_convention
@@ -130,9 +132,9 @@ def segment_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_work_dirs(out_dir):
         logger.info("removed %s, left by a run that was killed", stale)
-    batch = _Batch(inputs=inputs, cases=unique_case_ids(inputs), out_dir=out_dir,
+    batch = _Batch(inputs=inputs, cases=unique_case_ids(inputs) if cases is None else cases, out_dir=out_dir,
                    identity=batch_identity(file_sha256(weights), convention, options), on_result=on_result,
-                   summary=LiveSummary(out_dir / SUMMARY_FILENAME))
+                   summary=LiveSummary(out_dir / SUMMARY_FILENAME, part=part, total=len(inputs)))
     try:
         todo = batch.resume(overwrite)
         if todo:

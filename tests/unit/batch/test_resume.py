@@ -15,56 +15,23 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import nibabel as nib
-import numpy as np
 import pytest
+from threshold_network import ThresholdSegmenter, install_threshold_network, sphere
 
 import spleen_seg.batch.resume as resume
-import spleen_seg.pipeline.segmenter as segmenter_module
 from spleen_seg.batch.case import SegmentOptions
 from spleen_seg.batch.resume import batch_identity, finished_report, input_sha256
 from spleen_seg.batch.run import segment_files
 from spleen_seg.io.dicom import DicomSeries
 
-SPLEEN_HU = 150.0
-THRESHOLD_HU = 100.0
 NO_PREVIEW = SegmentOptions(preview=False)
 CASES = ("a", "b", "c")
-
-
-class ThresholdSegmenter:
-    """Spleen = voxels above ``THRESHOLD_HU``; counts its predictions."""
-
-    runner = SimpleNamespace(backend="threshold")
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.last_warnings: list[str] = []
-
-    def predict(self, array, geometry, source=""):
-        self.calls.append(Path(source).name)
-        return (array > THRESHOLD_HU).astype(np.uint8)
 
 
 @pytest.fixture
 def network(monkeypatch):
     """The stand-in network; ``network.loads`` counts how often a batch loaded it."""
-    fake = ThresholdSegmenter()
-    fake.loads = 0
-
-    def load(*args, **kwargs):
-        fake.loads += 1
-        return fake
-
-    monkeypatch.setattr(segmenter_module, "load_segmenter", load)
-    return fake
-
-
-def sphere(path: Path, radius_vox: float, shape=(24, 22, 16)) -> Path:
-    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
-    image = np.where((grid**2).sum(0) <= radius_vox**2, SPLEEN_HU, -100.0).astype(np.float32)
-    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
-    return path
+    return install_threshold_network(monkeypatch)
 
 
 @pytest.fixture
@@ -197,9 +164,7 @@ class Exploding(ThresholdSegmenter):
 
 
 def explode(monkeypatch, victim: str, error: BaseException) -> Exploding:
-    fake = Exploding(victim, error)
-    monkeypatch.setattr(segmenter_module, "load_segmenter", lambda *args, **kwargs: fake)
-    return fake
+    return install_threshold_network(monkeypatch, Exploding(victim, error))
 
 
 @pytest.mark.parametrize("error", [
@@ -242,7 +207,7 @@ def test_ctrl_c_discards_the_current_case_and_writes_the_summary(batch, monkeypa
         run(batch)
     rows = summary(batch.out)
     assert [(row["case"], row["status"]) for row in rows] == [("a", "ok"), ("b", "interrupted")]
-    assert sorted(p.name for p in batch.out.iterdir()) == ["a", "run_info.json", "summary.csv"]  # no work folder
+    assert sorted(p.name for p in batch.out.iterdir()) == ["a", "index.html", "run_info.json", "summary.csv"]  # no work folder
 
 
 def test_folders_that_cannot_be_expanded_are_failed_cases(tmp_path, network):

@@ -1,0 +1,51 @@
+"""A threshold in place of the network for batch tests: ``load_segmenter`` is replaced, so a batch
+checks its bookkeeping (resume, parts, summaries) in well under a second, and sphere inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+
+SPLEEN_HU = 150.0
+THRESHOLD_HU = 100.0
+
+
+class ThresholdSegmenter:
+    """Spleen = voxels above ``THRESHOLD_HU``; counts its predictions (``calls``) and loads (``loads``)."""
+
+    runner = SimpleNamespace(backend="threshold")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.loads = 0
+        self.last_warnings: list[str] = []  # the real segmenter's out-of-memory notes
+
+    def predict(self, array, geometry, source=""):
+        self.calls.append(Path(source).name)
+        return (array > THRESHOLD_HU).astype(np.uint8)
+
+
+def install_threshold_network(monkeypatch, fake: ThresholdSegmenter | None = None) -> ThresholdSegmenter:
+    """Make every batch in this test load ``fake`` (a new ThresholdSegmenter by default) as its network."""
+    import spleen_seg.pipeline.segmenter as segmenter_module
+
+    fake = fake or ThresholdSegmenter()
+
+    def load(*args, **kwargs):
+        fake.loads += 1
+        return fake
+
+    monkeypatch.setattr(segmenter_module, "load_segmenter", load)
+    return fake
+
+
+def sphere(path: Path, radius_vox: float, shape=(24, 22, 16)) -> Path:
+    """A NIfTI of a ``SPLEEN_HU`` ball of ``radius_vox`` voxels in -100 HU, 1.5 x 1.5 x 2 mm voxels."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
+    image = np.where((grid**2).sum(0) <= radius_vox**2, SPLEEN_HU, -100.0).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
+    return path
