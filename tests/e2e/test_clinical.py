@@ -69,8 +69,8 @@ def dicom_run(tmp_path_factory):
 def test_dicom_writes_seg_nifti_report_preview_stl(dicom_run):
     out, case = dicom_run
     assert case.name.startswith("dicom_series_")
-    assert sorted(p.name for p in case.iterdir()) == ["preview.png", "report.json", "spleen.nii.gz", "spleen.stl",
-                                                      "spleen_seg.dcm"]
+    assert sorted(p.name for p in case.iterdir()) == ["preview.png", "preview_thumb.jpg", "report.json",
+                                                      "spleen.nii.gz", "spleen.stl", "spleen_seg.dcm"]
     data = report(out, case.name)
     mask = np.asarray(nib.load(str(case / "spleen.nii.gz")).dataobj)
     assert data["spleen_found"] is True and data["voxel_count"] == int(mask.sum())
