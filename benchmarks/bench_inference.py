@@ -5,7 +5,8 @@ the shared real CT (B-spline for the image, padded with -1024 HU), then runs, al
   A: python -m monai.bundle run --config_file configs/inference.json   (the reference pipeline)
   B: spleen-seg segment VOLUME -o OUT --weights W                      (our default path)
 as whole processes with the same weights (the yardstick weights), and prints per-run wall
-time and peak RSS, their medians, the speed ratio, and the Dice between the two masks.
+time and peak RSS, their medians, the speed ratio, the Dice between the two masks, and the
+sliding windows spleen-seg computed (counted in one extra, untimed, in-process run).
 
 Usage: python benchmarks/bench_inference.py [--runs 3] [--weights PATH] [--extra-args "..."]
        [--variant NAME="flags" ...]   (more spleen-seg configurations, timed in the same rotation)
@@ -70,6 +71,22 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
+def windows_computed(volume: Path, weights: Path, flags: str) -> str:
+    """"computed/total" sliding windows of one in-process segmentation with ``flags``' window
+    and backend options (a count, so unlike the times it does not depend on the load)."""
+    from spleen_seg.io.nifti import read_volume
+    from spleen_seg.pipeline.segmenter import load_segmenter
+
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--all-windows", action="store_true")
+    options.add_argument("--backend", default="auto")
+    known, _ = options.parse_known_args(shlex.split(flags))
+    segmenter = load_segmenter(weights, "cpu", known.backend, progress=False, all_windows=known.all_windows)
+    segmenter.predict(*read_volume(volume))
+    stats = segmenter.last_windows
+    return "" if stats is None else f"{stats.computed}/{stats.total}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -112,7 +129,8 @@ def main() -> None:
 
     bundle_mask = np.asarray(nib.load(str(work / "bundle_out" / "msd_geometry_ct" / "msd_geometry_ct_trans.nii.gz")).dataobj)
     bundle_wall = statistics.median(w for w, _ in results["bundle"])
-    print(f"{'pipeline':12s} {'median s':>9s} {'ratio':>6s} {'peak RSS MiB':>13s} {'Dice vs bundle':>15s}")
+    windows = {name: windows_computed(volume, args.weights, flags) for name, flags in variants.items()}
+    print(f"{'pipeline':12s} {'median s':>9s} {'ratio':>6s} {'peak RSS MiB':>13s} {'Dice vs bundle':>15s} {'windows':>8s}")
     for name, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
         rss = statistics.median(r for _, r in runs)
@@ -121,7 +139,7 @@ def main() -> None:
         else:
             mask = np.asarray(nib.load(str(work / f"out_{name}" / "msd_geometry_ct" / "spleen.nii.gz")).dataobj)
             score = dice(mask, bundle_mask)
-        print(f"{name:12s} {wall:9.2f} {bundle_wall / wall:5.2f}x {rss:13.0f} {score:15.4f}")
+        print(f"{name:12s} {wall:9.2f} {bundle_wall / wall:5.2f}x {rss:13.0f} {score:15.4f} {windows.get(name, ''):>8s}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,11 @@ class InferenceConfig:
     overlap: float = 0.5
     sw_batch_size: int = 4
     # spleen-seg's own inference (not the bundle's) computes only the windows within this
-    # many voxels of where a covering survey of windows finds spleen (pipeline/windows.py).
+    # many voxels of where a survey of windows finds spleen (pipeline/windows.py).
     focus_radius: int | None = 8
+    # The survey sees every voxel at least this many voxels inside one of its windows, so
+    # an object near a window edge is also seen whole (at most half the overlap, 24).
+    survey_margin: int = 8
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,39 @@ Window positions, padding and the constant blending are those of
 ``monai.inferers.sliding_window_inference`` (roi 96^3, overlap 0.5, mode "constant"), so
 wherever every covering window is computed the result equals MONAI's.
 
-Which windows are computed (``focus_radius``):
-1. *Survey*: a subset of MONAI's own windows that covers the volume once (every other
-   start along each axis, plus the last), 18 of 75 windows on an MSD-sized scan.
-2. *Focus*: voxels within ``focus_radius`` voxels (a cube) of a voxel where the survey
-   predicts spleen are candidates; every MONAI window that touches a candidate is
-   computed. Candidate voxels thus get all their windows and exactly MONAI's average;
-   the others get the average of the windows computed over them, negative in the survey.
-The assumption is that blending the other windows moves the spleen boundary by less
-than ``focus_radius`` voxels. Measured with the yardstick weights on the MSD-geometry
-benchmark CT: the survey's positive set is within 4 voxels of the final one, so radius
-8 reproduced MONAI's mask voxel for voxel with 40 of 75 windows (benchmarks/README).
-A radius of ``None`` computes every window (MONAI's result everywhere).
+Which windows are computed (``focus_radius``, ``survey_margin``); all are MONAI's own:
+1. *Survey*: along each axis, the fewest of MONAI's window starts such that every voxel
+   lies at least ``survey_margin`` voxels inside a chosen window (a face on the volume's
+   own border does not count). With MONAI's 48-voxel stride that keeps every start but
+   at most the one before the last: 32 of 75 windows on an MSD-sized scan (267 x 267 x
+   166 after preprocessing), where a survey that only covers the volume takes 18.
+2. *Seeds*: voxels where the survey's blend is positive, or the blend of the survey
+   windows that hold the voxel at least ``survey_margin`` inside.
+3. *Focus until closed*: the *region* takes in every voxel within ``focus_radius`` (a
+   cube) of a seed; every MONAI window touching the region is computed; the region then
+   takes in every voxel within ``focus_radius`` of a voxel whose blend is now positive,
+   and so on until it stops growing. Region voxels get all their windows, hence MONAI's
+   average; any other voxel the average of the windows computed over it, which is <= 0.
+
+Guaranteed, for any network: every connected component (26-neighbours, preprocessed grid)
+of MONAI's positive margin that comes within ``focus_radius`` of a seed is reproduced
+exactly, and so is the mask the inversion interpolates from it. Proof: a region voxel of
+such a component has MONAI's positive value, so its neighbours join the region; the
+region floods the component, and the trilinear inversion reads only voxels within 1 of a
+positive one, all in the region (``focus_radius`` >= 1). Exact up to float summation order.
+
+Assumed: each component of MONAI's mask comes within ``focus_radius`` of a seed. This
+holds when a component has a voxel the network predicts spleen at from at least
+``survey_margin`` voxels inside a window, and the network's prediction there depends only
+on the image within ``survey_margin`` voxels (every window that holds the voxel that deep
+then predicts alike, the deep seeds included); in particular an object within
+``survey_margin`` voxels of one of its voxels lies wholly inside a survey window. A
+component made only of predictions near window faces, or of a network that needs wider
+context (one that fires only on a whole spleen, when no survey window holds it whole),
+can still be missed; ``focus_radius=None`` computes every window, MONAI's result
+everywhere. tests/unit/pipeline/test_windows.py builds such cases. On the benchmark CT
+with the yardstick weights this gives MONAI's mask with 42 of 75 windows
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -27,6 +48,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from spleen_seg.config import RECIPE
+from spleen_seg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +67,31 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return sorted({min(i * interval, size - roi) for i in range(count)})
 
 
-def covering_starts(starts: list[int], roi: int) -> list[int]:
-    """A subset of ``starts`` whose windows still cover the axis: every other one, plus the last."""
+def _deep_span(start: int, size: int, roi: int, margin: int) -> tuple[int, int]:
+    """[first, stop) of the voxels at least ``margin`` inside the window along one axis;
+    a face on the volume's border does not count (nothing lies beyond it)."""
+    return start + (margin if start > 0 else 0), start + roi - (margin if start + roi < size else 0)
+
+
+def survey_starts(starts: list[int], size: int, roi: int, margin: int) -> list[int]:
+    """The fewest of ``starts`` (one axis of length ``size``) whose windows hold every voxel
+    at least ``margin`` voxels inside one of them; ``margin=0``: windows that just cover.
+
+    Greedy: after each chosen window take the farthest start whose deep span still
+    begins inside the deep spans chosen so far (optimal for covering a line by intervals).
+
+    Raises:
+        ConfigError: no subset of ``starts`` does it (``margin`` above half the overlap).
+    """
     chosen = [starts[0]]
-    for index, start in enumerate(starts[1:], start=1):
-        next_start = starts[index + 1] if index + 1 < len(starts) else None
-        covered_to = chosen[-1] + roi
-        if (next_start is None or next_start > covered_to) and start > chosen[-1]:
-            chosen.append(start)
+    reach = _deep_span(starts[0], size, roi, margin)[1]
+    while reach < size:
+        later = [s for s in starts if s > chosen[-1] and _deep_span(s, size, roi, margin)[0] <= reach]
+        if not later:
+            raise ConfigError(f"survey margin {margin} voxels: windows of {roi} at starts {starts} cannot hold "
+                              f"every voxel that far inside; use at most half the overlap")
+        chosen.append(max(later))
+        reach = _deep_span(chosen[-1], size, roi, margin)[1]
     return chosen
 
 
@@ -72,9 +113,15 @@ class WindowStats:
     total: int = 0
     computed: int = 0
     seconds: float = 0.0
+    survey: int = 0
+    # Focus rounds until the region closed (0 with every window computed).
+    rounds: int = 0
 
 
 class _Accumulator:
+    """Sum and count of window margins over the padded (X, Y, Z) grid; optionally also the
+    sum over each window's deep part (voxels at least ``deep_margin`` inside it)."""
+
     def __init__(self, shape: tuple[int, ...], roi: Sequence[int], runner: Runner, batch_size: int, progress: bool) -> None:
         self.sum = np.zeros(shape, dtype=np.float32)
         self.count = np.zeros(shape, dtype=np.uint8)
@@ -82,6 +129,8 @@ class _Accumulator:
         self.runner = runner
         self.batch_size = batch_size
         self.progress = progress
+        self.deep_sum: np.ndarray | None = None
+        self.deep_margin = 0
 
     def average(self) -> np.ndarray:
         """Sum / count in place (every voxel is covered by at least one window)."""
@@ -90,6 +139,12 @@ class _Accumulator:
 
     def box(self, start: Position) -> tuple[slice, ...]:
         return tuple(slice(s, s + r) for s, r in zip(start, self.roi, strict=True))
+
+    def deep_box(self, start: Position) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(grid box, window box) of the window's voxels at least ``deep_margin`` inside."""
+        spans = [_deep_span(s, n, r, self.deep_margin) for s, n, r in zip(start, self.sum.shape, self.roi, strict=True)]
+        return (tuple(slice(a, b) for a, b in spans),
+                tuple(slice(a - s, b - s) for (a, b), s in zip(spans, start, strict=True)))
 
     def run(self, image: np.ndarray, positions: list[Position], label: str) -> None:
         from tqdm import tqdm
@@ -102,8 +157,48 @@ class _Accumulator:
             for p, margin in zip(chunk, margins, strict=True):
                 self.sum[self.box(p)] += margin[0]
                 self.count[self.box(p)] += 1
+                if self.deep_sum is not None:
+                    grid_box, window_box = self.deep_box(p)
+                    self.deep_sum[grid_box] += margin[0][window_box]
             bar.update(len(chunk))
         bar.close()
+
+
+def _grow(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` dilated by a (2 * radius + 1)^3 cube; bool (X, Y, Z)."""
+    from scipy.ndimage import maximum_filter
+
+    return maximum_filter(mask.view(np.uint8), size=2 * radius + 1).view(bool)
+
+
+def _survey_and_focus(padded: np.ndarray, acc: _Accumulator, axis_starts: list[list[int]], focus_radius: int,
+                      survey_margin: int) -> tuple[int, int, int]:
+    """Steps 1-3 of the module docstring on ``acc``; returns (windows computed, survey windows, rounds)."""
+    roi = acc.roi
+    survey = list(itertools.product(*[survey_starts(s, n, r, survey_margin)
+                                       for s, n, r in zip(axis_starts, padded.shape, roi, strict=True)]))
+    acc.deep_sum = np.zeros(padded.shape, dtype=np.float32) if survey_margin > 0 else None
+    acc.deep_margin = survey_margin
+    acc.run(padded, survey, "survey")
+    # Both sums are positive exactly where their averages are: every voxel has a window.
+    positive = acc.sum > 0
+    if acc.deep_sum is not None:
+        positive |= acc.deep_sum > 0
+        acc.deep_sum = None
+    computed = set(survey)
+    region = np.zeros(padded.shape, dtype=bool)
+    rounds = 0
+    while True:
+        grown = _grow(positive, focus_radius)
+        if not (grown & ~region).any():
+            break
+        region |= grown
+        rounds += 1
+        focus = [p for p in itertools.product(*axis_starts) if p not in computed and region[acc.box(p)].any()]
+        acc.run(padded, focus, f"focus {rounds}")
+        computed.update(focus)
+        positive = acc.sum > 0
+    return len(computed), len(survey), rounds
 
 
 def spleen_margin(
@@ -114,34 +209,27 @@ def spleen_margin(
     batch_size: int,
     focus_radius: int | None,
     progress: bool = False,
+    survey_margin: int = RECIPE.inference.survey_margin,
 ) -> tuple[np.ndarray, WindowStats]:
     """Sliding-window spleen margin (logit difference) over a preprocessed (X, Y, Z) image.
 
     Returns the (X, Y, Z) float32 margin, MONAI's average of window outputs wherever
-    all its windows were computed, and statistics on the windows run.
+    all its windows were computed (see the module docstring for where that is), and
+    statistics on the windows run. ``focus_radius=None`` computes every window.
     """
     start_time = time.perf_counter()
     padded, crop = pad_to_roi(image, roi)
     axis_starts = [window_starts(size, r, overlap) for size, r in zip(padded.shape, roi, strict=True)]
-    everything: list[Position] = list(itertools.product(*axis_starts))
+    stats = WindowStats(total=int(np.prod([len(s) for s in axis_starts])))
     acc = _Accumulator(padded.shape, roi, runner, batch_size, progress)
     if focus_radius is None:
-        acc.run(padded, everything, "all")
-        margin = acc.average()
+        acc.run(padded, list(itertools.product(*axis_starts)), "all")
+        stats.computed = stats.survey = stats.total
     else:
-        from scipy.ndimage import maximum_filter
-
-        survey = list(itertools.product(*[covering_starts(s, r) for s, r in zip(axis_starts, roi, strict=True)]))
-        acc.run(padded, survey, "survey")
-        candidate = maximum_filter((acc.sum > 0).view(np.uint8), size=2 * focus_radius + 1) > 0
-        surveyed = set(survey)
-        focus = [p for p in everything if p not in surveyed and candidate[acc.box(p)].any()]
-        acc.run(padded, focus, "focus")
-        # Candidates get the average over all their windows; any other voxel the average of
-        # the windows computed over it (the survey's, plus focus windows that reach it).
-        margin = acc.average()
-        everything = survey + focus
-    stats = WindowStats(total=int(np.prod([len(s) for s in axis_starts])), computed=len(everything),
-                        seconds=time.perf_counter() - start_time)
-    logger.debug("computed %d of %d windows in %.1f s", stats.computed, stats.total, stats.seconds)
+        stats.computed, stats.survey, stats.rounds = _survey_and_focus(padded, acc, axis_starts, focus_radius,
+                                                                       survey_margin)
+    margin = acc.average()
+    stats.seconds = time.perf_counter() - start_time
+    logger.debug("computed %d of %d windows (survey %d, %d focus rounds) in %.1f s", stats.computed, stats.total,
+                 stats.survey, stats.rounds, stats.seconds)
     return margin[crop].astype(np.float32, copy=False), stats

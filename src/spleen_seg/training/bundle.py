@@ -408,7 +408,7 @@ def multi_gpu_train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
         "run": [_ATTACH_RESUME, "$@train#trainer.run()"],
-        "finalize": ["$spleen_seg.training.distributed.destroy_process_group()"],
+        "finalize": ["$spleen_seg.training.distributed.destroy_process_group(@network)"],
     }
 
 
@@ -433,7 +433,7 @@ def multi_gpu_evaluate_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
         "run": ["$@validate#evaluator.run()"],
-        "finalize": ["$spleen_seg.training.distributed.destroy_process_group()"],
+        "finalize": ["$spleen_seg.training.distributed.destroy_process_group(@network)"],
     }
 
 

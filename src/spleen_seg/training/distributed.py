@@ -29,6 +29,12 @@ def init_process_group() -> None:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPU); idempotent."""
     if dist.is_initialized():
         return
+    # DDP imports torch._dynamo when it wraps a module; imported after the group exists,
+    # torch._dynamo keeps references to it (measured: 10) that nothing releases, so the
+    # group and its gloo threads outlive destroy_process_group (see there). Imported
+    # before, it has no group to hold.
+    import torch._dynamo  # noqa: F401
+
     if torch.cuda.is_available():
         torch.cuda.set_device(rank_device())
         dist.init_process_group(backend="nccl")
@@ -36,15 +42,30 @@ def init_process_group() -> None:
         dist.init_process_group(backend="gloo")
 
 
-def destroy_process_group() -> None:
-    """Leave the group once every rank is done: a rank tearing gloo down while rank 0 still
-    writes its gathered metrics made rank 0 abort at exit ("terminate called ...")."""
-    if dist.is_initialized():
-        # Free finished collectives' work objects (they hold tensors) while the interpreter
-        # is fully alive: gloo freeing them during interpreter teardown can abort the process.
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+def destroy_process_group(network: torch.nn.Module | None = None) -> None:
+    """Leave the group once every rank is done, ending its threads while Python is alive.
+
+    Why: a gloo worker thread frees a finished collective's tensors after the collective
+    has returned; tensors that Python has dropped by then need the GIL to be freed. If the
+    group is still alive when the interpreter shuts down, that thread asks a finalizing
+    interpreter for the GIL, Python ends it with pthread_exit, whose unwinding through
+    gloo's C++ destructors calls std::terminate: rank 0 aborted at exit with "terminate
+    called without an active exception" (core dump: ProcessGroupGloo::runLoop ->
+    ~AsyncAllreduceWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread).
+    ``dist.destroy_process_group`` alone leaves the group alive while DDP (``network``,
+    kept by the bundle's parser until shutdown) holds it, so drop DDP's references too;
+    the group is then destroyed here and its worker threads joined.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if isinstance(network, DistributedDataParallel):
+        # Nothing runs DDP after this; these are the attributes that hold the group.
+        for name in ("logger", "reducer", "process_group"):
+            if hasattr(network, name):
+                delattr(network, name)
+    dist.destroy_process_group()
+    gc.collect()  # work objects and wrappers in reference cycles hold the group too
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:

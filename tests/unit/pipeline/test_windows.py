@@ -1,13 +1,18 @@
 """Window layout and blending against MONAI's sliding_window_inference."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
+from scipy.ndimage import uniform_filter
 
-from spleen_seg.pipeline.windows import covering_starts, spleen_margin, window_starts
+from spleen_seg.errors import ConfigError
+from spleen_seg.pipeline.windows import spleen_margin, survey_starts, window_starts
+from spleen_seg.training.phantom import make_phantom
 
 ROI = (16, 16, 16)
 
@@ -24,15 +29,42 @@ def test_window_starts_equal_monai_layout(shape):
     assert [tuple(p) for p in ours] == expected
 
 
-def test_covering_starts_cover_the_axis_with_fewer_windows():
+def _deepest(chosen: list[int], size: int, roi: int) -> np.ndarray:
+    """Per voxel of the axis, how far inside the chosen windows it lies at best (faces on the
+    volume's border do not count)."""
+    best = np.full(size, -1)
+    for start in chosen:
+        index = np.arange(start, start + roi)
+        lower = index - start if start > 0 else np.full(roi, size)
+        upper = start + roi - 1 - index if start + roi < size else np.full(roi, size)
+        best[index] = np.maximum(best[index], np.minimum(lower, upper))
+    return best
+
+
+@pytest.mark.parametrize("size", [96, 120, 166, 192, 239, 267, 334, 500])
+@pytest.mark.parametrize("margin", [0, 1, 8, 10, 11, 24])
+def test_survey_starts_hold_every_voxel_deep_with_fewest_windows(size, margin):
+    starts = window_starts(size, 96, 0.5)
+    chosen = survey_starts(starts, size, 96, margin)
+    assert set(chosen) <= set(starts) and chosen[0] == starts[0] and chosen[-1] == starts[-1]
+    assert _deepest(chosen, size, 96).min() >= margin
+    # Fewest: no subset of MONAI's starts with one window less does it.
+    assert all(_deepest(list(subset), size, 96).min() < margin
+               for subset in itertools.combinations(starts, len(chosen) - 1))
+
+
+def test_survey_starts_on_the_msd_grid():
     starts = window_starts(267, 96, 0.5)
     assert starts == [0, 48, 96, 144, 171]
-    chosen = covering_starts(starts, 96)
-    assert chosen == [0, 96, 171]
-    covered = np.zeros(267, bool)
-    for s in chosen:
-        covered[s : s + 96] = True
-    assert covered.all()
+    assert survey_starts(starts, 267, 96, 0) == [0, 96, 171]  # covers once: the old survey
+    assert survey_starts(starts, 267, 96, 8) == [0, 48, 96, 171]  # 171 - 96 leaves room for 10
+    assert survey_starts(starts, 267, 96, 11) == starts
+    assert survey_starts(window_starts(166, 96, 0.5), 166, 96, 8) == [0, 70]
+
+
+def test_survey_margin_beyond_half_the_overlap_is_refused():
+    with pytest.raises(ConfigError, match="survey margin 25 voxels"):
+        survey_starts(window_starts(267, 96, 0.5), 267, 96, 25)
 
 
 def _conv_runner():
@@ -64,10 +96,100 @@ def test_focused_windows_are_exact_near_the_positive_region():
     image = rng.random((64, 64, 48), dtype=np.float32) * 0.1
     image[40:52, 40:52, 30:40] = 3.0  # a bright blob: the only place the conv output is clearly positive
     full, _ = spleen_margin(image, run, ROI, 0.5, 4, focus_radius=None)
-    focused, stats = spleen_margin(image, run, ROI, 0.5, 4, focus_radius=4)
+    focused, stats = spleen_margin(image, run, ROI, 0.5, 4, focus_radius=4, survey_margin=0)
     assert stats.computed < stats.total
     # Within the blob (plus 2 voxels) every window is computed: MONAI's exact average.
     near = np.zeros(image.shape, bool)
     near[38:54, 38:54, 28:42] = True
     np.testing.assert_allclose(focused[near], full[near], atol=1e-5)
     np.testing.assert_array_equal(focused > 0, full > 0)
+
+
+# ----------------------------------------------------------------------------- focused windows under stress
+# Focused windows against all windows on inputs built so that a survey can miss the spleen:
+# the MSD-geometry grid (267 x 267 x 166 after preprocessing: 5 x 5 x 3 windows of 96^3),
+# whose every-other-window survey had seams at x = 96 and y = 96, and networks whose output
+# at a voxel depends on context far from it.
+MSD_GRID = (267, 267, 166)
+ROI_96 = (96, 96, 96)
+SEAM = 96  # the face shared by the windows at 0 and 96 along x and y
+DETECTOR_GAIN = 100.0  # one window that holds the object outweighs the others' -1
+
+
+def _whole_object_detector(batch: np.ndarray) -> np.ndarray:
+    """A network that reasons about the whole window: margin +GAIN on the bright voxels when
+    the window holds all of the bright object (none of it on a face of the window), else -1."""
+    out = np.full(batch.shape, -1.0, dtype=np.float32)
+    for window, margin in zip(batch[:, 0], out[:, 0], strict=True):
+        bright = window > 0.5
+        faces = [bright.take(i, axis=a) for a in range(3) for i in (0, -1)]
+        if bright.any() and not any(f.any() for f in faces):
+            margin[bright] = DETECTOR_GAIN
+    return out
+
+
+def _local_network(context: int, threshold: float):
+    """A one-layer convolutional network: the mean over a (2 * context + 1)^3 cube, zero padded
+    at the window's faces as a CNN pads, minus ``threshold``. Near a face it sees less organ."""
+    def run(batch: np.ndarray) -> np.ndarray:
+        means = [uniform_filter(w, size=2 * context + 1, mode="constant") for w in batch[:, 0]]
+        return (np.stack(means)[:, None] - threshold).astype(np.float32)
+
+    return run
+
+
+def _ball(centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.ogrid[tuple(slice(0, n) for n in MSD_GRID)]
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+
+
+def _phantom_spleen_at(centre: tuple[int, int, int]) -> np.ndarray:
+    """A phantom's spleen (1.5 x 1.5 x 2 mm voxels, 42 x 37 x 40 box) centred at ``centre``
+    on the MSD grid: 1 in the organ, faint noise elsewhere (no exact ties at margin 0)."""
+    case = make_phantom(1, spacing_mm=(1.5, 1.5, 2.0), orientation="RAS")
+    organ = case.spleen_mask[tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(case.spleen_mask))]
+    image = np.random.default_rng(0).random(MSD_GRID, dtype=np.float32) * 1e-3
+    box = tuple(slice(c - n // 2, c - n // 2 + n) for c, n in zip(centre, organ.shape, strict=True))
+    image[box] += organ
+    return image
+
+
+def _focused_and_full(image, runner, **kwargs):
+    full, full_stats = spleen_margin(image, runner, ROI_96, 0.5, 4, focus_radius=None)
+    focused, stats = spleen_margin(image, runner, ROI_96, 0.5, 4, focus_radius=8, **kwargs)
+    assert full_stats.computed == full_stats.total == 75
+    return full > 0, focused > 0, stats
+
+
+def test_object_seen_whole_only_across_the_old_survey_seam():
+    # A ball of radius 13 (9,171 voxels) on the seams of the old survey at x = y = 96: no
+    # window of that survey holds it whole, the windows at x = y = 48 do.
+    image = _ball((SEAM, SEAM, 78), 13).astype(np.float32)
+    full, focused, stats = _focused_and_full(image, _whole_object_detector)
+    assert int(full.sum()) == int((image > 0.5).sum()) == 9171
+    np.testing.assert_array_equal(focused, full)
+    assert stats.survey == 32 and stats.computed < stats.total
+    # The old survey (every other window, no margin) misses it entirely.
+    _, old_survey, old_stats = _focused_and_full(image, _whole_object_detector, survey_margin=0)
+    assert old_stats.survey == 18 and int(old_survey.sum()) == 0
+
+
+def test_spleen_across_the_seam_with_a_local_network():
+    # One conv layer with a 33^3 kernel: the survey windows on either side of the seam see
+    # too little of the organ; the window at x = y = 48 sees it all.
+    image = _phantom_spleen_at((SEAM, SEAM, 83))
+    full, focused, stats = _focused_and_full(image, _local_network(context=16, threshold=0.25))
+    assert int(full.sum()) == 10997
+    np.testing.assert_array_equal(focused, full)
+    _, old_survey, _ = _focused_and_full(image, _local_network(context=16, threshold=0.25), survey_margin=0)
+    assert int(old_survey.sum()) == 0
+
+
+def test_focus_grows_until_no_positive_lies_outside_the_computed_region():
+    # Here even the old survey sees part of the spleen, but focus windows reveal spleen more
+    # than focus_radius from it: computed once, the old focus stage was 34 voxels off.
+    image = _phantom_spleen_at((SEAM, SEAM, 60))
+    full, focused, stats = _focused_and_full(image, _local_network(context=14, threshold=0.3), survey_margin=0)
+    assert int(full.sum()) == 11163
+    np.testing.assert_array_equal(focused, full)
+    assert stats.rounds >= 2
