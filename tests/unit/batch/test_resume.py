@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from stub_segmenter import ThresholdSegmenter
 
 import spleen_seg.batch.resume as resume
 import spleen_seg.pipeline.segmenter as segmenter_module
@@ -32,24 +33,10 @@ NO_PREVIEW = SegmentOptions(preview=False)
 CASES = ("a", "b", "c")
 
 
-class ThresholdSegmenter:
-    """Spleen = voxels above ``THRESHOLD_HU``; counts its predictions."""
-
-    runner = SimpleNamespace(backend="threshold")
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.last_warnings: list[str] = []
-
-    def predict(self, array, geometry, source=""):
-        self.calls.append(Path(source).name)
-        return (array > THRESHOLD_HU).astype(np.uint8)
-
-
 @pytest.fixture
 def network(monkeypatch):
     """The stand-in network; ``network.loads`` counts how often a batch loaded it."""
-    fake = ThresholdSegmenter()
+    fake = ThresholdSegmenter(THRESHOLD_HU)
     fake.loads = 0
 
     def load(*args, **kwargs):
@@ -187,13 +174,13 @@ class Exploding(ThresholdSegmenter):
     """Raises ``error`` when it meets the input named ``victim``."""
 
     def __init__(self, victim: str, error: BaseException) -> None:
-        super().__init__()
+        super().__init__(THRESHOLD_HU)
         self.victim, self.error = victim, error
 
-    def predict(self, array, geometry, source=""):
+    def prepare(self, array, geometry, source=""):
         if Path(source).name == self.victim:
             raise self.error
-        return super().predict(array, geometry, source)
+        return super().prepare(array, geometry, source)
 
 
 def explode(monkeypatch, victim: str, error: BaseException) -> Exploding:
