@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -60,6 +61,33 @@ def build_msd_volumes(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def network_alone(volumes: list[Path], weights: Path, device: str) -> None:
+    """In this process: each volume read and preprocessed (not timed), then the network alone, timed.
+
+    Prints one line per case, ``network <seconds> <windows computed>``: the floor under any
+    batch path's time per case, whatever it overlaps.
+    """
+    from spleen_seg.batch.inputs import load_input
+    from spleen_seg.pipeline.segmenter import load_segmenter
+
+    segmenter = load_segmenter(weights, device, progress=False)
+    for volume in volumes:
+        array, geometry = load_input(volume)
+        prepared = segmenter.prepare(array, geometry, volume)
+        start = time.perf_counter()
+        segmenter.compute_margin(prepared)
+        print(f"network {time.perf_counter() - start:.3f} {prepared.windows.computed}", flush=True)
+
+
+def network_run(volumes: list[Path], weights: Path, device: str) -> list[tuple[float, int]]:
+    proc = subprocess.run([sys.executable, __file__, "--weights", str(weights), "--device", device, "--network-alone",
+                           *map(str, volumes)], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"network-alone run failed:\n{proc.stderr[-3000:]}")
+    return [(float(seconds), int(windows)) for _, seconds, windows in (line.split() for line in proc.stdout.splitlines()
+                                                                       if line.startswith("network "))]
+
+
 def has_flag(flag: str) -> bool:
     proc = subprocess.run([sys.executable, "-m", "spleen_seg.cli", "segment", "--help"], capture_output=True,
                           text=True, cwd=REPO)
@@ -81,7 +109,11 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=3, help="K of the parts run (0: skip)")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="another spleen-seg configuration to time")
+    parser.add_argument("--network-alone", nargs="+", type=Path, metavar="VOLUME", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.network_alone:
+        network_alone(args.network_alone, args.weights, args.device)
+        return
     if not REAL_CT.exists() or not args.weights.exists():
         sys.exit(f"needs {REAL_CT} and {args.weights}")
 
@@ -118,13 +150,22 @@ def main() -> None:
     warm, _ = timed(commands["spleen-seg"][0], REPO)  # exports the weights to the model cache if needed
     print(f"first spleen-seg run (not timed: model cache, page cache): {warm:.1f} s")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    network: list[list[tuple[float, int]]] = []
     for run in range(1, args.runs + 1):
         for name, cmds in commands.items():
             timings = [timed(cmd, REPO) for cmd in cmds]  # parts: the K processes one after another
             wall, rss = sum(t for t, _ in timings), max(r for _, r in timings)
             results[name].append((wall, rss))
             print(f"run {run} {name:12s} wall {wall:6.2f} s  peak RSS {rss:7.0f} MiB", flush=True)
+        network.append(network_run(volumes, args.weights, args.device))
+        print(f"run {run} network alone, per case: " + " ".join(f"{s:.2f} s ({w} windows)" for s, w in network[-1]))
     report(results, volumes, work, args.no_bundle)
+    sums = [sum(s for s, _ in per_case) for per_case in network]
+    ref = "bundle" if not args.no_bundle else "spleen-seg"
+    ref_wall = statistics.median(w for w, _ in results[ref])
+    print(f"network alone: {statistics.median(sums):.2f} s for the {len(volumes)} cases (median of {len(sums)} runs; "
+          f"{statistics.median(sums) / len(volumes):.2f} s per case): a batch path can be at most "
+          f"{ref_wall / statistics.median(sums):.2f}x faster than {ref} with these windows")
 
 
 def report(results: dict[str, list[tuple[float, float]]], volumes: list[Path], work: Path, no_bundle: bool) -> None:

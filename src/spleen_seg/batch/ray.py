@@ -140,7 +140,7 @@ def _import_ray():
 def _init(ray, settings: RaySettings) -> None:
     try:
         if settings.address is None:
-            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                      include_dashboard=False, configure_logging=False)
         else:
             ray.init(address=settings.address, configure_logging=False)
