@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import REAL_CT, REAL_CT_MASK, YARDSTICK
+from shared_data import REAL_CT, REAL_CT_MASK, SHARED, YARDSTICK
 
 # CI must run the real-CT tests: there a missing shared folder is an error, not a skip.
 IN_CI = os.environ.get("CI", "").lower() == "true"

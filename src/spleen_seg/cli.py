@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,28 @@ def _positive_int(value: str) -> int:
 
 def _non_negative_int(value: str) -> int:
     return 0 if value.strip() == "0" else _positive_int(value)
+
+
+# ``--ray`` without an address: start a local Ray instance for the run.
+RAY_LOCAL = "local"
+RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9._-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5})$")
+
+
+def _ray_address(value: str) -> str:
+    if not RAY_ADDRESS.match(value):
+        raise argparse.ArgumentTypeError(f"'{value}' is not a Ray cluster address (host:port, ray://host:port or auto); "
+                                         "to start a local instance put --ray after the inputs, or write --ray=local")
+    return value
+
+
+def _gpu_share(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a GPU share in (0, 1], got '{value}'") from None
+    if not 0.0 < share <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a GPU share in (0, 1], got {value}")
+    return share
 
 
 def _device(value: str) -> str:
@@ -122,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp16: AMP for torch on CUDA, fp16 engine for TensorRT (CPU backends run fp32)")
     seg.add_argument("--all-windows", action="store_true",
                      help="compute every sliding window (the bundle's exact average everywhere; slower)")
+    seg.add_argument("--ray", nargs="?", const=RAY_LOCAL, type=_ray_address, metavar="ADDRESS",
+                     help="run on a Ray cluster: reading, preprocessing and writing in CPU workers, the network in "
+                          "long-lived actors; ADDRESS of a running cluster (host:port from 'ray start --head'), or "
+                          "none to start a local instance (pip install \"spleen-seg[ray]\")")
+    seg.add_argument("--ray-gpus-per-actor", type=_gpu_share, default=1.0, metavar="SHARE",
+                     help="GPU share of each inference actor on GPU nodes (0.5: two actors per GPU; default 1)")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute every case (default: skip cases an earlier run finished with the same input, "
                           "weights, options and spleen-seg version)")
@@ -312,7 +341,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     part = _segment_part(args)
     manifest = read_manifest(args.manifest) if args.manifest is not None else []
     weights = default_segment_weights(args.weights)
-    device = resolve_device_name(args.device)
+    ray = None
+    if args.ray is not None:
+        from spleen_seg.batch.ray import RaySettings
+
+        ray = RaySettings(address=None if args.ray == RAY_LOCAL else args.ray, gpus_per_actor=args.ray_gpus_per_actor)
+    # Under --ray each actor resolves "auto" on its own node (the driver may have no GPU).
+    device = args.device if ray is not None else resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
                              precision=args.precision)
@@ -325,7 +360,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             logging.getLogger(__name__).info("part %d of %d: %d cases", part.index, part.count, len(inputs))
         results = segment_files(inputs, args.output, weights, device, backend=args.backend, progress=not args.quiet,
                                 options=options, overwrite=args.overwrite, on_result=_print_case, cases=cases,
-                                part=part)
+                                part=part, ray=ray)
     except KeyboardInterrupt:
         print(f"interrupted: the current case was discarded; {args.output / SUMMARY_FILENAME} lists the finished "
               "cases; run the same command again to resume", file=sys.stderr)

@@ -4,35 +4,21 @@ checks its bookkeeping (resume, parts, summaries) in well under a second, and sp
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
+from stub_segmenter import ThresholdSegmenter
 
 SPLEEN_HU = 150.0
 THRESHOLD_HU = 100.0
-
-
-class ThresholdSegmenter:
-    """Spleen = voxels above ``THRESHOLD_HU``; counts its predictions (``calls``) and loads (``loads``)."""
-
-    runner = SimpleNamespace(backend="threshold")
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.loads = 0
-        self.last_warnings: list[str] = []  # the real segmenter's out-of-memory notes
-
-    def predict(self, array, geometry, source=""):
-        self.calls.append(Path(source).name)
-        return (array > THRESHOLD_HU).astype(np.uint8)
 
 
 def install_threshold_network(monkeypatch, fake: ThresholdSegmenter | None = None) -> ThresholdSegmenter:
     """Make every batch in this test load ``fake`` (a new ThresholdSegmenter by default) as its network."""
     import spleen_seg.pipeline.segmenter as segmenter_module
 
-    fake = fake or ThresholdSegmenter()
+    fake = fake or ThresholdSegmenter(THRESHOLD_HU)
+    fake.loads = 0  # type: ignore[attr-defined]  # how often a batch loaded it
 
     def load(*args, **kwargs):
         fake.loads += 1

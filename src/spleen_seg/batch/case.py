@@ -10,8 +10,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from spleen_seg.config import RECIPE
 from spleen_seg.errors import SpleenSegError
 from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.io.nifti import Geometry, write_mask
-from spleen_seg.pipeline.segmenter import Segmenter
+from spleen_seg.pipeline.segmenter import PreparedImage, Segmenter
 
 if TYPE_CHECKING:
     from spleen_seg.outputs.report import CaseReport
@@ -42,6 +44,8 @@ NO_MESSAGE: dict[type[BaseException], str] = {MemoryError: "not enough memory"}
 # Hidden work folders beside the case folders, suffixed with the writing process's id.
 PARTIAL_MARK = ".partial-"
 OLD_MARK = ".old-"
+# report.json's ``segment`` time: the segmenter's three stages (read, measure and writes are apart).
+SEGMENT_STAGES = ("preprocess", "network", "invert")
 WORK_DIR_NAME = re.compile(rf"^\..+(?:{re.escape(PARTIAL_MARK)}|{re.escape(OLD_MARK)})(\d+)$")
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,13 @@ def describe_failure(source: Path, err: BaseException) -> str:
     return f"{source}: {what} ({type(err).__name__})"
 
 
+def model_record(identity: dict[str, Any], weights: Path, convention: str, device: str, backend: str) -> dict[str, Any]:
+    """The ``model`` section of every report: what computed the masks (``identity``: ``batch_identity``)."""
+    return {"name": ALGORITHM_NAME, "version": __version__, "weights": str(Path(weights).resolve()),
+            "weights_sha256": identity["weights_sha256"], "orientation_convention": convention,
+            "device": str(device), "backend": backend}
+
+
 def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inputs: list[InputItem],
                    orientation_convention: str | None = None) -> None:
     """Record how the outputs were made: versions, weights checksum, convention, recipe, inputs."""
@@ -127,6 +138,152 @@ def _describe_input(item: InputItem) -> str:
     return str(item) if isinstance(item, Path) else f"{item.folder} (series {item.series_uid})"
 
 
+@dataclass
+class CaseJob:
+    """One case on its way through the stages: read and prepare, network, finish (see :func:`segment_one`).
+
+    A pipeline runs the stages of different cases at once, in different threads or
+    processes; the job carries the case's state between them. ``array`` is (X, Y, Z)
+    float32 HU in file voxel order. ``error`` is set by the first stage that fails
+    (``describe_failure``); the stages after it do nothing, and :func:`finish_case`
+    returns the failed result.
+    """
+
+    source: InputItem
+    out_dir: Path
+    case: str
+    options: SegmentOptions
+    model: dict[str, Any]
+    identity: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    array: np.ndarray | None = None
+    geometry: Geometry | None = None
+    warnings: list[str] = field(default_factory=list)
+    prepared: PreparedImage | None = None
+    error: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return input_source(self.source)
+
+    def fail(self, err: Exception) -> None:
+        """Record the case's failure (:func:`describe_failure`) and release its arrays: later stages skip it."""
+        if not isinstance(err, SpleenSegError):  # unexpected type: the traceback for debugging
+            logger.debug("%s failed", self.path, exc_info=err)
+        self.error = describe_failure(self.path, err)
+        self.array = self.prepared = None
+
+
+def start_case(source: InputItem, out_dir: Path, *, case: str | None = None, options: SegmentOptions | None = None,
+               model: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> CaseJob:
+    return CaseJob(source=source, out_dir=out_dir, case=case or input_case_id(source), options=options or SegmentOptions(),
+                   model=dict(model or {}), identity=dict(identity or {}))
+
+
+@contextmanager
+def _stage(job: CaseJob, name: str | None) -> Iterator[None]:
+    """Time the stage into ``job.timings[name]`` (unless None); any ``Exception`` becomes ``job.error``
+    (the case fails alone)."""
+    start = time.perf_counter()
+    try:
+        yield
+    # Any exception: the batch's contract is that one bad case never stops the others, and
+    # readers and runtimes raise far more than our own errors (nibabel's ValueError on a
+    # fuzzed header, a decoder's RuntimeError, MemoryError, CUDA out of memory).
+    except Exception as err:
+        job.fail(err)
+    finally:
+        if name is not None:
+            job.timings[name] = round(time.perf_counter() - start, 4)
+
+
+def read_case(job: CaseJob, segmenter: Segmenter | None, prefetched: Future | None = None) -> CaseJob:
+    """Stage 1 (CPU): read the input, check its header and intensities, and with a ``segmenter``
+    preprocess it for the network (``Segmenter.prepare``). ``prefetched``: a future of
+    :func:`load_input` already reading it."""
+    from spleen_seg.outputs.report import check_geometry, check_intensity
+
+    if job.array is None and job.error is None:
+        with _stage(job, "read"):
+            job.array, job.geometry = prefetched.result() if prefetched is not None else load_input(job.source)
+            # Header assumptions first (--strict refuses them), then the intensity check.
+            check_geometry(job.geometry, str(job.path), job.options.strict)
+            job.warnings = check_intensity(job.array, str(job.path), job.options.strict)
+    array, geometry = job.array, job.geometry  # None once a stage failed
+    if segmenter is not None and job.prepared is None and array is not None and geometry is not None:
+        with _stage(job, "preprocess"):
+            job.prepared = segmenter.prepare(array, geometry, job.path)
+    return job
+
+
+def network_case(job: CaseJob, segmenter: Segmenter) -> CaseJob:
+    """Stage 2: the network on the prepared image (``Segmenter.compute_margin``)."""
+    read_case(job, segmenter)  # a case not prepared ahead (memory was short) is prepared now
+    prepared = job.prepared  # None once a stage failed
+    if prepared is not None:
+        with _stage(job, "network"):
+            segmenter.compute_margin(prepared)
+    return job
+
+
+def finish_case(job: CaseJob, segmenter: Segmenter) -> CaseResult:
+    """Stage 3 (CPU): invert the margin to the mask, measure, write the case folder atomically."""
+    prepared, array, geometry = job.prepared, job.array, job.geometry  # None once a stage failed
+    result = None
+    if prepared is not None and array is not None and geometry is not None:
+        with _stage(job, "invert"):
+            mask = segmenter.invert(prepared)
+        job.timings["segment"] = round(sum(job.timings.get(s, 0.0) for s in SEGMENT_STAGES), 4)
+        work_dir = job.out_dir / f".{job.case}{PARTIAL_MARK}{os.getpid()}"
+        try:
+            if job.error is None:
+                with _stage(job, None):
+                    result = _measure_and_write(job, mask, array, geometry, prepared.warnings, work_dir)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    job.array = job.prepared = None
+    if result is None:
+        return CaseResult(source=job.path, error=job.error, case=job.case, status="failed", seconds=_work_seconds(job))
+    return result
+
+
+def _work_seconds(job: CaseJob) -> float:
+    """Seconds the case's stages worked (not the time it waited between them)."""
+    return round(sum(v for k, v in job.timings.items() if k != "segment"), 4)
+
+
+def _measure_and_write(job: CaseJob, mask: np.ndarray, array: np.ndarray, geometry: Geometry,
+                       segmenter_warnings: list[str], work_dir: Path) -> CaseResult:
+    from spleen_seg.outputs.report import REPORT_FILENAME, build_report, keep_components, write_report
+
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        job.timings[stage] = round(now - clock, 4)
+        clock = now
+
+    case_dir = job.out_dir / job.case
+    components = keep_components(mask, job.options.largest_component)
+    mask = components.mask
+    # The segmenter's own warnings (out of memory: smaller batches, then the CPU) go in the report.
+    report = build_report(job.case, str(job.path), mask, array, geometry, components,
+                          [*job.warnings, *segmenter_warnings])
+    report.model = dict(job.model)
+    report.identity = dict(job.identity)
+    lap("measure")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    outputs = _write_outputs(mask, array, geometry, job.source, work_dir, report, job.options, lap)
+    report.outputs = {name: str(case_dir / dest.name) for name, dest in outputs.items()}
+    report.timings_s = {**job.timings, "total": _work_seconds(job)}
+    write_report(report, work_dir / REPORT_FILENAME)
+    _publish(work_dir, case_dir)
+    return CaseResult(source=job.path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
+                      seconds=_work_seconds(job), case=job.case, status="ok" if report.spleen_found else "not_found",
+                      report=report)
+
+
 def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case: str | None = None,
                 options: SegmentOptions | None = None, model: dict[str, Any] | None = None,
                 prefetched: Future | None = None, identity: dict[str, Any] | None = None) -> CaseResult:
@@ -139,68 +296,15 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
     :func:`load_input` already reading this input (batch mode overlaps reading and compute).
     ``identity`` is recorded in the report for resuming (``batch.resume``).
 
-    Every ``Exception`` (project errors, library errors, ``MemoryError``, CUDA out of memory)
-    gives a ``failed`` result; ``KeyboardInterrupt`` propagates, leaving no case folder.
+    The three stages (:func:`read_case`, :func:`network_case`, :func:`finish_case`) in
+    turn. Every ``Exception`` (project errors, library errors, ``MemoryError``, CUDA out
+    of memory) gives a ``failed`` result; ``KeyboardInterrupt`` propagates, leaving no
+    case folder.
     """
-    from spleen_seg.outputs.report import (
-        REPORT_FILENAME,
-        build_report,
-        check_geometry,
-        check_intensity,
-        keep_components,
-        write_report,
-    )
-
-    options = options or SegmentOptions()
-    case = case or input_case_id(source)
-    path = input_source(source)
-    case_dir = out_dir / case
-    work_dir = out_dir / f".{case}{PARTIAL_MARK}{os.getpid()}"
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    start = clock
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 4)
-        clock = now
-
-    try:
-        array, geometry = prefetched.result() if prefetched is not None else load_input(source)
-        # Header assumptions first (--strict refuses them), then the intensity check.
-        check_geometry(geometry, str(path), options.strict)
-        warnings = check_intensity(array, str(path), options.strict)
-        lap("read")
-        raw_mask = segmenter.predict(array, geometry, path)
-        lap("segment")
-        components = keep_components(raw_mask, options.largest_component)
-        mask = components.mask
-        # The segmenter's own warnings (out of memory: smaller batches, then the CPU) go in the report.
-        report = build_report(case, str(path), mask, array, geometry, components,
-                              [*warnings, *segmenter.last_warnings])
-        report.model = dict(model or {})
-        report.identity = dict(identity or {})
-        lap("measure")
-        shutil.rmtree(work_dir, ignore_errors=True)
-        outputs = _write_outputs(mask, array, geometry, source, work_dir, report, options, lap)
-        report.outputs = {name: str(case_dir / dest.name) for name, dest in outputs.items()}
-        report.timings_s = {**timings, "total": round(time.perf_counter() - start, 4)}
-        write_report(report, work_dir / REPORT_FILENAME)
-        _publish(work_dir, case_dir)
-    # Any exception: the batch's contract is that one bad case never stops the others, and
-    # readers and runtimes raise far more than our own errors (nibabel's ValueError on a
-    # fuzzed header, a decoder's RuntimeError, MemoryError, CUDA out of memory).
-    except Exception as err:
-        if not isinstance(err, SpleenSegError):  # unexpected type: the traceback for debugging
-            logger.debug("%s failed", path, exc_info=True)
-        return CaseResult(source=path, error=describe_failure(path, err), case=case, status="failed",
-                          seconds=time.perf_counter() - start)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return CaseResult(source=path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
-                      seconds=time.perf_counter() - start, case=case,
-                      status="ok" if report.spleen_found else "not_found", report=report)
+    job = start_case(source, out_dir, case=case, options=options, model=model, identity=identity)
+    read_case(job, segmenter, prefetched)
+    network_case(job, segmenter)
+    return finish_case(job, segmenter)
 
 
 def _publish(work_dir: Path, case_dir: Path) -> None:

@@ -1,7 +1,10 @@
-"""The ``segment`` command's batch driver: resume, read ahead while the network runs, one folder per case, the summary.
+"""The ``segment`` command's batch driver: resume, a bounded pipeline around the network, one folder per case, the summary.
 
-A batch never breaks: every case that fails (any ``Exception``) gets a ``failed`` row and
-the batch goes on. ``summary.csv`` is kept current (``batch.summary``). Ctrl-C discards the
+The local batch overlaps reading and preprocessing of the next case and writing of the
+finished one with the network (:func:`_compute`), memory permitting; ``--ray`` runs the
+same cases on a Ray cluster instead (``batch.ray``). A batch never breaks: every case that
+fails (any ``Exception``) gets a ``failed`` row and the batch goes on. ``summary.csv`` is
+kept current (``batch.summary``). Ctrl-C discards the
 current case, writes the summary (the interrupted case as ``interrupted``) and re-raises
 ``KeyboardInterrupt``. A case an earlier run finished with the same identity
 (``batch.resume``) is skipped, and the model is not loaded when every case is.
@@ -13,25 +16,36 @@ import functools
 import logging
 import shutil
 import sys
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spleen_seg import __version__
 from spleen_seg.batch.case import (
-    ALGORITHM_NAME,
+    CaseJob,
     CaseResult,
     SegmentOptions,
+    finish_case,
+    model_record,
+    network_case,
+    read_case,
     remove_stale_work_dirs,
-    segment_one,
+    start_case,
     warm_output_imports,
     write_run_info,
 )
-from spleen_seg.batch.inputs import InputItem, Part, input_shape, input_source, load_input, unique_case_ids
+from spleen_seg.batch.inputs import InputItem, Part, input_source, unique_case_ids
+from spleen_seg.batch.progress import BatchProgress, Stopwatch, totals_line
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
 from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from spleen_seg.batch.ray import RaySettings
+    from spleen_seg.pipeline.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +126,7 @@ def segment_files(
     inputs: list[InputItem], out_dir: Path, weights: Path, device: str, *, backend: str = "auto",
     progress: bool = True, options: SegmentOptions | None = None, overwrite: bool = False,
     on_result: ResultCallback | None = None, cases: list[str] | None = None, part: Part | None = None,
+    ray: RaySettings | None = None,
 ) -> list[CaseResult]:
     """Segment every input into ``out_dir/<case>/``, keeping ``out_dir/summary.csv`` current.
 
@@ -119,10 +134,11 @@ def segment_files(
     skipped (``CaseResult.reused``) unless ``overwrite``. Failures do not stop the batch.
     ``on_result`` is called with each case's result as soon as it is known (skipped cases
     first). Weights trained under the MSD orientation convention see their inputs mirrored
-    left-right and front-back (``Segmenter.mirror_xy``). Returns the results in input
-    order; Ctrl-C writes the summary and re-raises ``KeyboardInterrupt``. ``cases``: the inputs'
-    case ids (default ``unique_case_ids``); ``part``: this run is that part of a job array
-    (``batch.summary`` merges the parts' summaries).
+    left-right and front-back (``Segmenter.mirror_xy``). ``cases``: the inputs' case ids
+    (default ``unique_case_ids``); ``part``: this run is that part of a job array
+    (``batch.summary`` merges the parts' summaries); ``ray``: compute on a Ray cluster
+    (``batch.ray``) instead of this process. Returns the results in input order; Ctrl-C
+    writes the summary and re-raises ``KeyboardInterrupt``.
     """
     from spleen_seg.io.download import file_sha256
     from spleen_seg.pipeline.network import weights_orientation_convention
@@ -135,85 +151,187 @@ def segment_files(
     batch = _Batch(inputs=inputs, cases=unique_case_ids(inputs) if cases is None else cases, out_dir=out_dir,
                    identity=batch_identity(file_sha256(weights), convention, options), on_result=on_result,
                    summary=LiveSummary(out_dir / SUMMARY_FILENAME, part=part, total=len(inputs)))
+    clock = Stopwatch()
     try:
         todo = batch.resume(overwrite)
-        if todo:
+        if todo and ray is not None:
+            _compute_on_ray(batch, todo, weights, device, backend, progress, options, convention, ray)
+        elif todo:
             _compute(batch, todo, weights, device, backend, progress, options, convention)
     except KeyboardInterrupt:
         batch.interrupted()
         raise
-    return batch.ordered_results()
+    results = batch.ordered_results()
+    logger.info("%s", totals_line(results, clock.seconds))
+    return results
+
+
+def _compute_on_ray(batch: _Batch, todo: list[int], weights: Path, device: str, backend: str, progress: bool,
+                    options: SegmentOptions, convention: str, ray: RaySettings) -> None:
+    from spleen_seg.batch.ray import RayCase, segment_on_ray
+
+    cases = [RayCase(index, batch.inputs[index], batch.cases[index]) for index in todo]
+    with BatchProgress(len(todo), progress) as bar:
+        def record(index: int, result: CaseResult) -> None:
+            batch.finish(index, result)
+            bar.done(result)
+
+        segment_on_ray(cases, batch.out_dir, weights, device, backend=backend, options=options,
+                       convention=convention, identity=batch.identity, settings=ray, record=record,
+                       all_inputs=batch.inputs)
+
+
+# At most this many cases wait for their outputs beside the one in the network (memory bound).
+MAX_FINISHING = 1
 
 
 def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend: str, progress: bool,
              options: SegmentOptions, convention: str) -> None:
-    """Segment the cases ``todo`` (input indices) in order, recording each result as it comes."""
-    from tqdm import tqdm
+    """Segment the cases ``todo`` (input indices) as a bounded pipeline, recording each result in order.
 
+    Three stages overlap: the next case is read and preprocessed in a reader thread
+    (``read_case``; when memory allows, see :func:`_ahead_mode`), the network runs here,
+    and the finished case's mask, report and files are written in a writer thread
+    (``finish_case``). At most three cases are in memory: one ahead, one in the network,
+    :data:`MAX_FINISHING` being written. The runtimes release the GIL.
+    """
     from spleen_seg.pipeline.network import CONVENTION_MSD
     from spleen_seg.pipeline.segmenter import load_segmenter
 
-    # Overlap: the runner compiles and the next input is read (and hashed) while the current one computes.
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="spleen-seg-io") as pool:
+    # Overlap: the runner compiles while the first input is read (and hashed).
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spleen-seg-read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="spleen-seg-write") as writer, \
+            BatchProgress(len(todo), progress) as bar:
+        pipeline = _Pipeline(batch, reader, writer, bar)
         try:
-            pending = pool.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
-                                  progress=progress, all_windows=options.all_windows, precision=options.precision)
-            reads = {todo[0]: _prefetch(pool, batch, todo[0])}
-            segmenter = pending.result()
+            pending = reader.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
+                                    progress=progress, all_windows=options.all_windows, precision=options.precision)
+            pipeline.ahead[todo[0]] = reader.submit(pipeline.start, todo[0], None, "read", options)
+            pipeline.segmenter = segmenter = pending.result()
             if options.preview:  # after the start-up work, so that it overlaps the network instead
-                pool.submit(warm_output_imports)
-            model = {"name": ALGORITHM_NAME, "version": __version__, "weights": str(Path(weights).resolve()),
-                     "weights_sha256": batch.identity["weights_sha256"], "orientation_convention": convention,
-                     "device": str(device), "backend": segmenter.runner.backend}
+                writer.submit(warm_output_imports)
+            pipeline.model = model_record(batch.identity, weights, convention, device, segmenter.runner.backend)
             write_run_info(batch.out_dir, weights, device, segmenter.runner.backend, batch.inputs,
                            orientation_convention=convention)
-            with tqdm(total=len(todo), desc="cases", unit="case", disable=not progress) as bar:
-                for position, index in enumerate(todo):
-                    batch.current = index
-                    bar.set_postfix_str(batch.cases[index], refresh=False)
-                    read, digest = reads.pop(index)
-                    if position + 1 < len(todo):
-                        following = todo[position + 1]
-                        reads[following] = _prefetch(pool, batch, following, _may_read_ahead(read, batch.inputs[following]))
-                    result = segment_one(segmenter, batch.inputs[index], batch.out_dir, case=batch.cases[index],
-                                         options=options, model=model, prefetched=read,
-                                         identity=case_identity(batch.identity, digest.result()))
-                    batch.finish(index, result)
-                    bar.update()
+            for position, index in enumerate(todo):
+                pipeline.run(index, todo[position + 1] if position + 1 < len(todo) else None, options)
+            pipeline.drain()
         except BaseException:
-            # Ctrl-C or a failed model load: do not start the reads still queued.
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Ctrl-C or a failed model load: do not start the reads still queued; record the
+            # cases already in the writer (their network is done), then the current one as interrupted.
+            reader.shutdown(wait=False, cancel_futures=True)
+            pipeline.drain()
             raise
 
 
-def _prefetch(pool: ThreadPoolExecutor, batch: _Batch, index: int,
-              read_ahead: bool = True) -> tuple[Future | None, Future]:
-    """Futures of the input's (array, geometry) (None: read when its turn comes) and of its digest."""
-    read = pool.submit(load_input, batch.inputs[index]) if read_ahead else None
-    return read, pool.submit(batch.digest, index)
+@dataclass
+class _Pipeline:
+    """The stages' hand-over points: jobs read ahead (by input index), jobs being written, in order."""
+
+    batch: _Batch
+    reader: ThreadPoolExecutor
+    writer: ThreadPoolExecutor
+    bar: BatchProgress
+    segmenter: Segmenter | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    ahead: dict[int, Future] = field(default_factory=dict)
+    finishing: deque[tuple[int, Future]] = field(default_factory=deque)
+
+    def start(self, index: int, segmenter: Segmenter | None, mode: str, options: SegmentOptions) -> CaseJob:
+        """Reader thread: the case's job, its digest (resume identity), and per ``mode`` its read or preparation."""
+        batch = self.batch
+        job = start_case(batch.inputs[index], batch.out_dir, case=batch.cases[index], options=options,
+                         identity=case_identity(batch.identity, batch.digest(index)))
+        if mode != "none":
+            read_case(job, segmenter if mode == "prepare" else None)
+        return job
+
+    def run(self, index: int, following: int | None, options: SegmentOptions) -> None:
+        """Main thread: take the case read ahead, start the next one ahead, run the network, hand over to the writer."""
+        batch, segmenter = self.batch, self.segmenter
+        assert segmenter is not None  # set once the model loaded, before the first case
+        batch.current = index
+        self.bar.running(batch.cases[index])
+        job = self.ahead.pop(index).result()
+        if following is not None:
+            mode = _ahead_mode(job, batch.inputs[following])
+            self.ahead[following] = self.reader.submit(self.start, following, segmenter, mode, options)
+        job.model = dict(self.model)
+        network_case(job, segmenter)
+        while len(self.finishing) > MAX_FINISHING - 1:
+            self._record(*self.finishing.popleft())
+        self.finishing.append((index, self.writer.submit(finish_case, job, segmenter)))
+        batch.current = None
+        self._record_done()
+
+    def _record_done(self) -> None:
+        while self.finishing and self.finishing[0][1].done():
+            self._record(*self.finishing.popleft())
+
+    def _record(self, index: int, future: Future) -> None:
+        result = future.result()
+        self.batch.finish(index, result)
+        self.bar.done(result)
+
+    def drain(self) -> None:
+        """Record every case the writer holds (waits for it)."""
+        while self.finishing:
+            self._record(*self.finishing.popleft())
 
 
-def _may_read_ahead(current: Future | None, following: InputItem) -> bool:
-    """Read the next input while this one computes only if both fit in the memory free now.
+def _ahead_mode(current: CaseJob, following: InputItem) -> str:
+    """How far to take the next case while this one is in the network: "prepare", "read" or "none".
 
-    Waits for the current read (the case cannot start before it anyway): the running
-    case's estimate comes from its real geometry, the next one's from its headers. When
-    the current case could not be read ahead either, memory is short: read in turn.
+    "prepare" (read and preprocess) when the next case's preparation peak fits beside what
+    this case still allocates; else "read" when its read alone fits (``can_prefetch``);
+    else "none": memory is short, it is read when its turn comes. When the current case
+    could not be read ahead either (its job holds no volume), memory is short: "none".
     """
-    if current is not None and _fits_beside(current, following):
-        return True
+    from spleen_seg.pipeline.memory import (
+        HEADROOM_BYTES,
+        available_bytes,
+        can_prefetch,
+        estimate_case_memory,
+    )
+
+    header = _header_geometry(following)
+    if header is None:  # unreadable headers: its read fails fast, and it would fail later too
+        return "read"
+    if current.geometry is not None or current.error is not None:
+        running = None
+        if current.geometry is not None:
+            running = estimate_case_memory(current.geometry.shape, current.geometry.affine_ras)
+        stages = estimate_case_memory(*header).stages
+        preparing = max(stages["read"], stages["resample"])
+        if preparing + (running.after_read_bytes if running else 0) + HEADROOM_BYTES <= available_bytes():
+            return "prepare"
+        if can_prefetch(header[0], running):
+            return "read"
     logger.info("not reading %s ahead: memory is short; it is read when its turn comes", input_source(following))
-    return False
+    return "none"
 
 
-def _fits_beside(current: Future, following: InputItem) -> bool:
-    from spleen_seg.pipeline.memory import can_prefetch, estimate_case_memory
+def _header_geometry(item: InputItem) -> tuple[tuple[int, int, int], np.ndarray | tuple[float, ...]] | None:
+    """(X, Y, Z) voxels and the affine (NIfTI) or voxel spacing in mm (DICOM) an input's headers declare; None
+    when they cannot be read."""
+    from spleen_seg.batch.inputs import FailedInput, input_shape
+    from spleen_seg.io.nifti import read_geometry
 
-    shape = input_shape(following)
-    if shape is None:  # unreadable headers: its read fails fast, and it would fail later too
-        return True
-    running = None
-    if current.exception() is None:
-        _, geometry = current.result()
-        running = estimate_case_memory(geometry.shape, geometry.affine_ras)
-    return can_prefetch(shape, running)
+    try:
+        if isinstance(item, FailedInput):
+            return None
+        if isinstance(item, Path):
+            geometry = read_geometry(item)
+            return geometry.shape, geometry.affine_ras
+        shape = input_shape(item)
+        if shape is None:
+            return None
+        import pydicom
+
+        first = pydicom.dcmread(item.files[0], stop_before_pixels=True, force=True)
+        row_mm, column_mm = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
+        slice_mm = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        return shape, (column_mm, row_mm, slice_mm)
+    # Headers the reader will refuse anyway: the case fails when it is read.
+    except Exception:
+        return None

@@ -94,6 +94,32 @@ class _OutOfMemoryRetry:
 
 
 @dataclass
+class PreparedImage:
+    """One volume between the stages of :class:`Segmenter`: preprocessed, then its margin, then its mask.
+
+    ``image``: (X', Y', Z') float32 in [0, 1] on the 1.5 x 1.5 x 2 mm RAS grid (mirrored
+    left-right and front-back when the segmenter's ``mirror_xy``), released (None) once
+    the network has run. ``margin``: the network's (X', Y', Z') float32 margin on the same
+    grid and in the same (possibly mirrored) frame. ``array_device``: where resampling and
+    inversion run ("cpu" after device out of memory). ``warnings``: what the stages had to
+    change to finish (out of memory), for the case's report.
+    """
+
+    image: np.ndarray | None
+    grid_affine: np.ndarray
+    reorientation: Reorientation
+    geometry: Geometry
+    array_device: str = "cpu"
+    warnings: list[str] = field(default_factory=list)
+    margin: np.ndarray | None = None
+    windows: WindowStats | None = None
+
+
+def _no_network(batch: np.ndarray) -> np.ndarray:
+    raise RuntimeError("this segmenter only preprocesses and inverts: its network runs elsewhere")
+
+
+@dataclass
 class Segmenter:
     """The bundle's inference on one volume, computed on a numpy fast path.
 
@@ -104,6 +130,10 @@ class Segmenter:
     two channels is its sign); inversion interpolates ``p1 - p0 = tanh(margin / 2)``
     (linear, so equal to inverting both channels) and only around the predicted spleen;
     windows far from any spleen candidate are skipped (``windows.spleen_margin``).
+
+    ``predict`` runs the three stages in turn; a pipeline runs them separately, for
+    different cases at once (``prepare`` and ``invert`` on CPU workers, ``compute_margin``
+    where the network is): they keep their per-case state in the :class:`PreparedImage`.
     """
 
     runner: Runner
@@ -123,25 +153,28 @@ class Segmenter:
     last_windows: WindowStats | None = field(default=None, init=False)
     # What the last ``predict`` had to change to finish (out of memory): for the report.
     last_warnings: list[str] = field(default_factory=list, init=False)
-    # Where resampling and inversion run in this ``predict`` (the CPU after out of memory).
-    _array_device: str = field(default="cpu", init=False, repr=False)
 
-    def _to_device(self, array: np.ndarray):
-        if not self._array_device.startswith("cuda"):
+    @classmethod
+    def without_network(cls, mirror_xy: bool = False) -> Segmenter:
+        """A segmenter for ``prepare`` and ``invert`` only (CPU workers of a pipeline whose network runs elsewhere)."""
+        return cls(runner=Runner(_no_network, 1, "none"), mirror_xy=mirror_xy, progress=False)
+
+    def _to_device(self, array: np.ndarray, device: str):
+        if not device.startswith("cuda"):
             return array
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self._array_device)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-    def _warn(self, message: str) -> None:
-        logger.warning(message)
-        self.last_warnings.append(message)
+    def preprocess(self, array: np.ndarray, geometry: Geometry,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray, Reorientation]:
+        """(X, Y, Z) HU -> (windowed image on the 1.5 x 1.5 x 2 mm RAS grid, its affine, reorientation).
 
-    def preprocess(self, array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Reorientation]:
-        """(X, Y, Z) HU -> (windowed image on the 1.5 x 1.5 x 2 mm RAS grid, its affine, reorientation)."""
+        ``device``: where the arrays are computed ("cuda...": torch tensors); the image returned is numpy.
+        """
         pre = self.recipe.preprocessing
         reorientation = Reorientation.for_affine(geometry.affine_ras, geometry.shape, pre.axcodes)
-        ras = reorientation.apply(self._to_device(array))
+        ras = reorientation.apply(self._to_device(array, device))
         ras_affine = reorientation.affine(geometry.affine_ras)
         grid_shape, grid_affine = spacing_grid(tuple(ras.shape), ras_affine, pre.spacing_mm)
         image = resample_linear(ras, ras_affine, grid_affine, grid_shape)
@@ -163,40 +196,80 @@ class Segmenter:
         is in ``last_warnings``.
         """
         self.last_warnings = []
-        require_case_memory(geometry.shape, geometry.affine_ras, source or "input volume")
-        self._array_device = self.device
-        try:
-            return self._predict(array, geometry)
-        except Exception as err:  # see _OutOfMemoryRetry: only device out of memory is handled
-            if not (self._array_device.startswith("cuda") and is_out_of_memory(err)):
-                raise
-        _release_device_memory()
-        self._warn(f"{FLAG_CUDA_OOM}: out of device memory while resampling or inverting; the case was computed "
-                   "again on the CPU (slower)")
-        self._array_device = "cpu"
-        return self._predict(array, geometry)
+        prepared = self.prepare(array, geometry, source)
+        self.last_warnings = prepared.warnings
+        self.compute_margin(prepared)
+        self.last_windows = prepared.windows
+        return self.invert(prepared)
 
-    def _predict(self, array: np.ndarray, geometry: Geometry) -> np.ndarray:
-        image, grid_affine, reorientation = self.preprocess(array, geometry)
+    def prepare(self, array: np.ndarray, geometry: Geometry, source: str | Path = "") -> PreparedImage:
+        """Stage 1: check the memory, reorient, resample and window ``array`` ((X, Y, Z) HU, file voxel order).
+
+        Raises ``ResourceError`` before allocating when the case's estimated memory is not free.
+        """
+        require_case_memory(geometry.shape, geometry.affine_ras, source or "input volume")
+        warnings: list[str] = []
+        array_device, (image, grid_affine, reorientation) = self._arrays_or_cpu(
+            self.device, warnings, lambda on: self.preprocess(array, geometry, on))
         if self.mirror_xy:
             image = np.ascontiguousarray(image[::-1, ::-1])
+        return PreparedImage(image=image, grid_affine=grid_affine, reorientation=reorientation, geometry=geometry,
+                             array_device=array_device, warnings=warnings)
+
+    def compute_margin(self, prepared: PreparedImage) -> PreparedImage:
+        """Stage 2, the network: ``prepared.margin`` from ``prepared.image`` (then released). Returns ``prepared``."""
+        if prepared.image is None:
+            raise ValueError("compute_margin needs the prepared image; it was already released")
+
+        def warn(message: str) -> None:
+            logger.warning(message)
+            prepared.warnings.append(message)
+
         inf = self.recipe.inference
-        runner = _OutOfMemoryRetry(self.runner, self.fallback, self._warn)
-        margin, self.last_windows = spleen_margin(
-            image, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
+        runner = _OutOfMemoryRetry(self.runner, self.fallback, warn)
+        prepared.margin, prepared.windows = spleen_margin(
+            prepared.image, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
         )
-        del image  # the inversion needs only the margin: release the windowed image first
+        prepared.image = None  # the inversion needs only the margin: release the windowed image first
+        return prepared
+
+    def invert(self, prepared: PreparedImage) -> np.ndarray:
+        """Stage 3: the (X, Y, Z) uint8 mask on the input grid from ``prepared.margin``."""
+        margin = prepared.margin
+        if margin is None:
+            raise ValueError("invert needs the margin: run compute_margin first")
+        _, mask = self._arrays_or_cpu(prepared.array_device, prepared.warnings,
+                                      lambda on: self._invert(prepared, margin, on))
+        return mask
+
+    def _arrays_or_cpu(self, device: str, warnings: list[str], compute: Callable[[str], Any]) -> tuple[str, Any]:
+        """``(device, compute(device))``; on device out of memory ``("cpu", compute("cpu"))``, with a warning."""
+        try:
+            return device, compute(device)
+        except Exception as err:  # see _OutOfMemoryRetry: only device out of memory is handled
+            if not (device.startswith("cuda") and is_out_of_memory(err)):
+                raise
+        _release_device_memory()
+        message = (f"{FLAG_CUDA_OOM}: out of device memory while resampling or inverting; the case was computed "
+                   "again on the CPU (slower)")
+        logger.warning(message)
+        warnings.append(message)
+        return "cpu", compute("cpu")
+
+    def _invert(self, prepared: PreparedImage, margin: np.ndarray, device: str) -> np.ndarray:
         if self.mirror_xy:
             margin = margin[::-1, ::-1]
+        geometry, reorientation = prepared.geometry, prepared.reorientation
         ras_affine = reorientation.affine(geometry.affine_ras)
-        margin = self._to_device(margin)
+        margin = self._to_device(margin, device)
         if isinstance(margin, np.ndarray):
             # Written through the RAS view into the input-ordered mask: no reoriented copy.
             mask = np.zeros(geometry.shape, dtype=np.uint8)
-            invert_margin(margin, grid_affine, reorientation.ras_shape, ras_affine, out=reorientation.apply(mask))
+            invert_margin(margin, prepared.grid_affine, reorientation.ras_shape, ras_affine,
+                          out=reorientation.apply(mask))
         else:
             mask = np.ascontiguousarray(reorientation.undo(
-                invert_margin(margin, grid_affine, reorientation.ras_shape, ras_affine)).cpu().numpy())
+                invert_margin(margin, prepared.grid_affine, reorientation.ras_shape, ras_affine)).cpu().numpy())
         if mask.shape != geometry.shape:
             raise RuntimeError(f"inverted mask shape {mask.shape} differs from input {geometry.shape}")
         return mask

@@ -84,12 +84,16 @@ def test_three_parts_compute_every_case_once_and_merge_every_row(cohort, tmp_pat
 
 
 class TerminatedOnSecondCase(ThresholdSegmenter):
-    """Sends this process SIGTERM (a scheduler's time limit) while segmenting the second case."""
+    """Sends this process SIGTERM (a scheduler's time limit) while the second case is in the network."""
 
-    def predict(self, array, geometry, source=""):
-        if self.calls:
+    networks_run = 0
+
+    def compute_margin(self, prepared):
+        # The network stage runs in the main thread, where Python runs signal handlers.
+        self.networks_run += 1
+        if self.networks_run == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().predict(array, geometry, source)
+        return super().compute_margin(prepared)
 
 
 def test_sigterm_stops_a_part_like_ctrl_c(cohort, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from threshold_network import ThresholdSegmenter, install_threshold_network, sphere
+from threshold_network import THRESHOLD_HU, ThresholdSegmenter, install_threshold_network, sphere
 
 import spleen_seg.batch.resume as resume
 from spleen_seg.batch.case import SegmentOptions
@@ -154,13 +154,13 @@ class Exploding(ThresholdSegmenter):
     """Raises ``error`` when it meets the input named ``victim``."""
 
     def __init__(self, victim: str, error: BaseException) -> None:
-        super().__init__()
+        super().__init__(THRESHOLD_HU)
         self.victim, self.error = victim, error
 
-    def predict(self, array, geometry, source=""):
+    def prepare(self, array, geometry, source=""):
         if Path(source).name == self.victim:
             raise self.error
-        return super().predict(array, geometry, source)
+        return super().prepare(array, geometry, source)
 
 
 def explode(monkeypatch, victim: str, error: BaseException) -> Exploding:

@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from stub_segmenter import ThresholdSegmenter
 from synthetic_dicom import write_series
 
 from spleen_seg.batch.case import SegmentOptions
@@ -22,19 +23,8 @@ VOXEL_ML = 0.8 * 0.7 * 2.0 / 1000  # synthetic_dicom's spacing
 TARGET = "PACS@127.0.0.1:104"
 
 
-class ThresholdSegmenter:
-    """Stands in for the network: spleen = voxels above 100 HU."""
-
-    last_warnings: list[str] = []
-
-    def predict(self, array, geometry, path):
-        return (array > 100).astype(np.uint8)
-
-
-class CrashingSegmenter:
-    last_warnings: list[str] = []
-
-    def predict(self, array, geometry, path):
+class CrashingSegmenter(ThresholdSegmenter):
+    def compute_margin(self, prepared):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 

@@ -104,9 +104,9 @@ def test_out_of_memory_while_resampling_on_the_device_redoes_the_case_on_the_cpu
     image, geometry = sphere_case()
     moved = []
 
-    def to_device(self, array):
-        if self._array_device.startswith("cuda"):
-            moved.append(self._array_device)
+    def to_device(self, array, device):
+        if device.startswith("cuda"):
+            moved.append(device)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return array
 

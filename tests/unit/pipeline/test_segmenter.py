@@ -54,7 +54,7 @@ def test_torch_device_path_equals_numpy_path(monkeypatch):
     geometry = Geometry(shape=image.shape, affine_ras=affine)
     numpy_mask = Segmenter(runner=Runner(threshold_margin, 4, "test"), progress=False).predict(image, geometry)
     segmenter = Segmenter(runner=Runner(threshold_margin, 4, "test"), progress=False)
-    monkeypatch.setattr(Segmenter, "_to_device", lambda self, array: torch.from_numpy(np.ascontiguousarray(array)))
+    monkeypatch.setattr(Segmenter, "_to_device", lambda self, array, device: torch.from_numpy(np.ascontiguousarray(array)))
     torch_mask = segmenter.predict(image, geometry)
     assert torch_mask.dtype == np.uint8 and torch_mask.shape == image.shape
     assert numpy_mask.sum() > 1000
