@@ -205,9 +205,10 @@ def test_evaluate_demo_weights(phantom_dataset, demo_fp32_weights, run_command, 
     mean_dice = float(found.group(1))
     assert mean_dice >= MIN_DICE
     lines = (root / "eval" / "case_metrics.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2
-    case_dice = [float(line.split(",")[1]) for line in lines[1:]]
+    assert len(lines) == 1 + 2 + 3  # header, two cases, mean, median and iqr
+    case_dice = [float(line.split(",")[1]) for line in lines[1:3]]
     assert mean_dice == pytest.approx(np.mean(case_dice), abs=1e-4)
+    assert lines[3].startswith("mean,") and float(lines[3].split(",")[1]) == pytest.approx(mean_dice, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- demo, data

@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,8 @@ class SegmentOptions:
     precision: str = "fp32"
     # None: decide from the weights (see network.weights_orientation_convention).
     weights_convention: str | None = None
+    # Flip TTA over these axes of the RAS grid ("xyz", "xy"...; "" = none): pipeline/tta.py.
+    tta_axes: str = ""
 
 
 @dataclass
@@ -172,6 +174,8 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         check_geometry(geometry, str(path), options.strict)
         warnings = check_intensity(array, str(path), options.strict)
         lap("read")
+        if options.tta_axes:  # the same runner, averaging over mirror images
+            segmenter = replace(segmenter, tta_axes=options.tta_axes)
         raw_mask = segmenter.predict(array, geometry, path)
         lap("segment")
         components = keep_components(raw_mask, options.largest_component)
@@ -180,6 +184,7 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
         report = build_report(case, str(path), mask, array, geometry, components,
                               [*warnings, *segmenter.last_warnings])
         report.model = dict(model or {})
+        report.quality = _quality(segmenter)
         report.identity = dict(identity or {})
         lap("measure")
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -201,6 +206,12 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
     return CaseResult(source=path, output=case_dir / outputs["mask"].name, spleen_ml=report.volume_ml,
                       seconds=time.perf_counter() - start, case=case,
                       status="ok" if report.spleen_found else "not_found", report=report)
+
+
+def _quality(segmenter: Segmenter) -> dict[str, Any] | None:
+    """The last prediction's quality score for report.json (pipeline/quality.py)."""
+    score = segmenter.last_quality
+    return None if score is None else score.as_dict()
 
 
 def _publish(work_dir: Path, case_dir: Path) -> None:

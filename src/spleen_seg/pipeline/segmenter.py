@@ -20,6 +20,7 @@ from spleen_seg.config import RECIPE, Recipe
 from spleen_seg.io.nifti import Geometry
 from spleen_seg.pipeline.backends import Runner, make_runner, resolve_backend
 from spleen_seg.pipeline.memory import require_case_memory
+from spleen_seg.pipeline.quality import QualityScore, quality_score
 from spleen_seg.pipeline.resample import (
     RESAMPLE_CHUNK_BYTES,
     Reorientation,
@@ -28,6 +29,7 @@ from spleen_seg.pipeline.resample import (
     resample_linear,
     spacing_grid,
 )
+from spleen_seg.pipeline.tta import mirrored_margin
 from spleen_seg.pipeline.windows import WindowStats, spleen_margin
 
 logger = logging.getLogger(__name__)
@@ -120,7 +122,12 @@ class Segmenter:
     device: str = "cpu"
     # Builds a CPU runner for when the device runs out of memory even at one window a batch.
     fallback: Callable[[], Runner] | None = None
+    # Flip TTA: the margin averaged over mirror images along these axes ("xyz" letters of
+    # the RAS grid; "" = none; see tta.py).
+    tta_axes: str = ""
     last_windows: WindowStats | None = field(default=None, init=False)
+    # The last ``predict``'s quality score (quality.py): margin-based, or the flips' disagreement with TTA.
+    last_quality: QualityScore | None = field(default=None, init=False)
     # What the last ``predict`` had to change to finish (out of memory): for the report.
     last_warnings: list[str] = field(default_factory=list, init=False)
     # Where resampling and inversion run in this ``predict`` (the CPU after out of memory).
@@ -182,10 +189,12 @@ class Segmenter:
             image = np.ascontiguousarray(image[::-1, ::-1])
         inf = self.recipe.inference
         runner = _OutOfMemoryRetry(self.runner, self.fallback, self._warn)
-        margin, self.last_windows = spleen_margin(
-            image, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
-        )
-        del image  # the inversion needs only the margin: release the windowed image first
+        margin, self.last_windows, agreement = mirrored_margin(image, lambda view: spleen_margin(
+            view, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
+        ), self.tta_axes)
+        # A fraction of the mask's voxels: the same whether or not the grid is mirrored.
+        self.last_quality = quality_score(margin, agreement)
+        del image, agreement  # the inversion needs only the margin: release the windowed image first
         if self.mirror_xy:
             margin = margin[::-1, ::-1]
         ras_affine = reorientation.affine(geometry.affine_ras)

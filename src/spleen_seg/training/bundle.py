@@ -293,8 +293,11 @@ def evaluate_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
 
 def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
     return {
-        "imports": ["$import glob", "$import os", "$import spleen_seg", "$import spleen_seg.pipeline.network"],
+        "imports": ["$import glob", "$import os", "$import spleen_seg", "$import spleen_seg.pipeline.network",
+                    "$import spleen_seg.pipeline.tta"],
         **_common(recipe),
+        # Flip test-time augmentation, e.g. --tta_axes xyz (pipeline/tta.py); "" = none, as the reference.
+        "tta_axes": "",
         "output_ext": ".nii.gz",
         # The reference writes masks as float32; a label map is uint8.
         "output_dtype": "$numpy.uint8",
@@ -337,7 +340,7 @@ def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "device": "@device",
             "val_data_loader": "@dataloader",
             "network": "@network",
-            "inferer": "@inferer",
+            "inferer": "$spleen_seg.pipeline.tta.bundle_inferer(@inferer, @tta_axes)",
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": "@amp",
