@@ -188,12 +188,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
+    _add_compare_command(sub, quiet)
     merge = sub.add_parser("merge-summaries", parents=[quiet],
                            help="rebuild OUT/summary.csv and OUT/index.html from the part summaries of "
                                 "segment --num-parts (and the journals of killed runs)")
     merge.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment")
     _add_node_commands(sub, quiet)
     return parser
+
+
+def _percent(value: str) -> float:
+    return _seconds_or_days(value, 0.0)
+
+
+def _add_compare_command(sub, quiet: argparse.ArgumentParser) -> None:
+    from spleen_seg.config import GROWTH_THRESHOLD_PERCENT
+
+    cmp = sub.add_parser("compare", parents=[quiet], help="follow-up: segment two CTs of one patient (or reuse OUT's "
+                         "earlier results) and measure the spleen's volume change")
+    cmp.add_argument("prior", help="the earlier CT: a NIfTI file or a DICOM series folder")
+    cmp.add_argument("current", help="the later CT of the same patient")
+    cmp.add_argument("-o", "--output", type=Path, required=True,
+                     help="output folder: prior/ and current/ (masks, reports), compare.json, compare.png")
+    cmp.add_argument("--growth-threshold-percent", type=_percent, default=GROWTH_THRESHOLD_PERCENT,
+                     metavar="P", help=f"flag a volume growth above P %% (default {GROWTH_THRESHOLD_PERCENT:g})")
+    cmp.add_argument("--force", action="store_true", help="compare even when the DICOM PatientIDs differ")
+    cmp.add_argument("--weights", type=_existing_file, help="as for segment; default: the cached official weights")
+    cmp.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
+    cmp.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    cmp.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
+                     help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
+    cmp.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    cmp.add_argument("--tta", action="store_true", help="flip test-time augmentation, as for segment")
+    cmp.add_argument("--tta-axes", type=_tta_axes, metavar="AXES", help="as for segment")
+    cmp.add_argument("--overwrite", action="store_true", help="segment both scans again even if OUT holds them")
 
 
 def _node_value(parse):
@@ -376,6 +404,30 @@ def _print_case(result: CaseResult) -> None:
         _line(f"warning: {result.case}: {warning}", sys.stderr)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from spleen_seg.batch.case import SegmentOptions
+    from spleen_seg.batch.compare import compare_followup
+    from spleen_seg.outputs.compare import summary_line
+    from spleen_seg.pipeline.backends import resolve_device_name
+    from spleen_seg.pipeline.network import default_segment_weights
+
+    weights = default_segment_weights(args.weights)
+    device = resolve_device_name(args.device)
+    options = SegmentOptions(largest_component=args.largest_component, weights_convention=args.weights_convention,
+                             tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+    result = compare_followup(args.prior, args.current, args.output, weights, device, backend=args.backend,
+                              progress=not args.quiet, options=options, force=args.force, overwrite=args.overwrite,
+                              growth_threshold_percent=args.growth_threshold_percent)
+    for role, reused in zip(("prior", "current"), result.reused, strict=True):
+        if reused:
+            _line(f"reused the {role} scan's segmentation from {args.output / role}")
+    _line(summary_line(result.comparison))
+    for warning in result.comparison.warnings:
+        _line(f"warning: {warning}", sys.stderr)
+    _line(f"written: {result.json_path}, {result.preview_path}")
+    return 0
+
+
 def cmd_merge_summaries(args: argparse.Namespace) -> int:
     """Rebuild summary.csv and index.html; exit 2 while a part has not finished."""
     from collections import Counter
@@ -403,8 +455,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spleen_seg.training.train import train
 
     overrides = _bundle_overrides(args)
-    best = train(args.bundle_root, overrides)
-    print(f"best validation mean Dice {best:.4f}; weights: {args.bundle_root / 'models' / 'model.pt'}")
+    outcome = train(args.bundle_root, overrides)
+    print(outcome.message(), file=sys.stdout if outcome.validated else sys.stderr)
     return 0
 
 
@@ -488,7 +540,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries}
+            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
