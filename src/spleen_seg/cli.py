@@ -461,11 +461,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from spleen_seg.training.evaluate import evaluate
+    from spleen_seg.training.evaluate import WEIGHTS_OVERRIDE, evaluate
 
     overrides = _bundle_overrides(args)
     if args.weights is not None:
-        overrides["validate#handlers#0#load_path"] = str(args.weights.resolve())
+        overrides[WEIGHTS_OVERRIDE] = str(args.weights.resolve())
     mean_dice = evaluate(args.bundle_root, overrides)
     print(f"mean Dice {mean_dice:.4f}; per-case metrics: {args.bundle_root / 'eval' / 'case_metrics.csv'}")
     return 0

@@ -117,7 +117,8 @@ def compare_followup(prior: str | Path, current: str | Path, out_dir: Path, weig
     for item, side in zip(items, sides, strict=True):
         image, geometry = load_input(item)
         # The mask lies on the scan's own grid (written with its geometry).
-        mask = np.asarray(nib.load(str(Path(side.case_dir) / MASK_FILENAME)).dataobj, dtype=np.uint8)
+        mask = np.asarray(nib.load(str(Path(side.case_dir) / MASK_FILENAME)).dataobj,  # type: ignore[attr-defined]
+                          dtype=np.uint8)
         scans.append((image, mask, geometry.affine_ras))
     title = (f"spleen {comparison.prior.volume_ml:.1f} mL -> {comparison.current.volume_ml:.1f} mL"
              + (f" ({comparison.change_percent:+.1f} %)" if comparison.change_percent is not None else ""))

@@ -81,28 +81,21 @@ def mirrored_margin(image: np.ndarray, sliding: SlidingWindow,
     without TTA, where ``sliding`` is called once on ``image`` itself).
     """
     combos = flip_combinations(axes)
+    margin, stats = sliding(image)  # the identity comes first
     if len(combos) == 1:
-        margin, stats = sliding(image)
         return margin, stats, None
-    total: np.ndarray | None = None
-    positive: np.ndarray | None = None
-    stats: WindowStats | None = None
-    for flip in combos:
+    total = np.array(margin, dtype=np.float32)
+    positive = (margin > 0).view(np.uint8).copy()
+    for flip in combos[1:]:
         # A contiguous copy: the sliding window may hand the array to runtimes that refuse
         # negative strides; it is one image-sized copy at a time.
-        margin, step = sliding(np.ascontiguousarray(np.flip(image, flip)) if flip else image)
-        margin = np.flip(margin, flip) if flip else margin
-        if total is None or positive is None or stats is None:
-            total = np.array(margin, dtype=np.float32)
-            positive = (margin > 0).view(np.uint8).copy()
-            stats = step
-        else:
-            total += margin
-            positive += margin > 0
-            stats.total += step.total
-            stats.computed += step.computed
-            stats.seconds += step.seconds
-    assert total is not None and positive is not None and stats is not None  # combos is never empty
+        mirrored, step = sliding(np.ascontiguousarray(np.flip(image, flip)))
+        margin = np.flip(mirrored, flip)
+        total += margin
+        positive += margin > 0
+        stats.total += step.total
+        stats.computed += step.computed
+        stats.seconds += step.seconds
     total *= np.float32(1.0 / len(combos))
     return total, stats, FlipAgreement(positive_count=positive, predictions=len(combos))
 
@@ -122,12 +115,10 @@ class MirroredInferer:
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> Any:
         import torch
 
-        total = None
-        for flip in self.flips:
+        total = self.inferer(inputs, network, *args, **kwargs)  # the identity comes first
+        for flip in self.flips[1:]:
             dims = [2 + axis for axis in flip]
-            output = self.inferer(torch.flip(inputs, dims) if dims else inputs, network, *args, **kwargs)
-            output = torch.flip(output, dims) if dims else output
-            total = output if total is None else total + output
+            total = total + torch.flip(self.inferer(torch.flip(inputs, dims), network, *args, **kwargs), dims)
         return total / len(self.flips)
 
 

@@ -40,6 +40,8 @@ CSV_COLUMNS = ("case", "dice", "hd95_mm", *NSD_COLUMNS, "pred_volume_ml", "label
 METRIC_COLUMNS = CSV_COLUMNS[1:]
 SUMMARY_STATISTICS = ("mean", "median", "iqr")
 JSON_SUFFIX = ".json"
+# The bundle override that names the weights evaluate.json loads (``spleen-seg evaluate --weights``).
+WEIGHTS_OVERRIDE = "validate#handlers#0#load_path"
 
 
 def dice(pred: np.ndarray, label: np.ndarray) -> float:
@@ -211,10 +213,31 @@ class CaseMetricsWriter:
         atomic_write_text(self.output_path.with_suffix(JSON_SUFFIX), rows_to_json(rows))
 
 
+def _check_weights(bundle_root: Path, overrides: dict[str, Any]) -> None:
+    """Without a weights override, ``models/model.pt`` must exist; say what to do when a run left none."""
+    from spleen_seg.errors import ConfigError
+    from spleen_seg.training.train import BEST_WEIGHTS, UNVALIDATED_WEIGHTS
+
+    if WEIGHTS_OVERRIDE in overrides:
+        return
+    best, unvalidated = bundle_root / "models" / BEST_WEIGHTS, bundle_root / "models" / UNVALIDATED_WEIGHTS
+    if best.is_file():
+        return
+    if unvalidated.is_file():
+        raise ConfigError(f"{best} does not exist: the training run ended before its first validation; its last, "
+                          f"unvalidated weights are {unvalidated}: pass --weights {unvalidated} to evaluate them")
+    raise ConfigError(f"{best} does not exist: train first (spleen-seg train) or pass --weights PATH")
+
+
 def evaluate(bundle_root: str | Path, overrides: dict[str, Any]) -> float:
-    """Run ``train.json`` + ``evaluate.json``; returns the mean Dice on the validation split."""
+    """Run ``train.json`` + ``evaluate.json``; returns the mean Dice on the validation split.
+
+    Raises ``ConfigError`` before running when no weights are given and ``models/model.pt``
+    is missing (naming ``models/model_unvalidated.pt`` when a short run left one).
+    """
     from spleen_seg.training.train import run_workflow
 
+    _check_weights(Path(bundle_root).resolve(), overrides)
     workflow = run_workflow(bundle_root, ["train.json", "evaluate.json"], overrides)
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     return float(evaluator.state.metrics["val_mean_dice"])
