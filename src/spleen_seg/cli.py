@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--all-windows", action="store_true",
                      help="compute every sliding window (the bundle's exact average everywhere; slower)")
     seg.add_argument("--tta", action="store_true",
-                     help="flip test-time augmentation: average the network over the 7 mirror images of the scan "
-                          "(about 8x the network's time; the quality score becomes the mirrored predictions' disagreement)")
+                     help="flip test-time augmentation: average the network over the scan and its 7 mirror images "
+                          "(about 8x the network's time; the quality score becomes the mirrored predictions' "
+                          "disagreement). Only for weights trained with mirroring: the bundle's recipe is not, and "
+                          "left-right mirroring breaks its masks (benchmarks/README.md)")
     seg.add_argument("--tta-axes", type=_tta_axes, metavar="AXES",
                      help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies --tta")
     seg.add_argument("--overwrite", action="store_true",

@@ -22,7 +22,6 @@ class ThresholdSegmenter:
         self.calls: list[str] = []
         self.loads = 0
         self.last_warnings: list[str] = []  # the real segmenter's out-of-memory notes
-        self.last_quality = None  # the real segmenter's quality score (pipeline/quality.py)
 
     def predict(self, array, geometry, source=""):
         self.calls.append(Path(source).name)

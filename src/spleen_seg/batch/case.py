@@ -209,8 +209,9 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
 
 
 def _quality(segmenter: Segmenter) -> dict[str, Any] | None:
-    """The last prediction's quality score for report.json (pipeline/quality.py)."""
-    score = segmenter.last_quality
+    """The last prediction's quality score for report.json (pipeline/quality.py); None when the
+    segmenter gives none (a stand-in that is not a ``Segmenter``: test doubles, remote proxies)."""
+    score = getattr(segmenter, "last_quality", None)
     return None if score is None else score.as_dict()
 
 
