@@ -23,7 +23,7 @@ The segmenter mirrors MSD-convention weights' inputs left-right and front-back (
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +37,13 @@ TTA_AXES = "xyz"
 SlidingWindow = Callable[[np.ndarray], tuple[np.ndarray, WindowStats]]
 
 
-def parse_tta_axes(text: str) -> str:
+def parse_tta_axes(text: str | Sequence[str]) -> str:
     """``"x,y"``, ``"xy"`` or ``"z"`` -> the axes in canonical order (``"xy"``); ``""`` -> ``""`` (no TTA).
 
+    A sequence of letters is read the same (``monai.bundle run --tta_axes x,y`` passes a tuple).
     Raises ``ConfigError`` for a letter other than x, y, z or a repeated one.
     """
+    text = text if isinstance(text, str) else ",".join(map(str, text))
     letters = [c for c in text.lower() if c not in ", "]
     unknown = sorted({c for c in letters if c not in TTA_AXES})
     if unknown or len(set(letters)) != len(letters):
@@ -50,7 +52,7 @@ def parse_tta_axes(text: str) -> str:
     return "".join(axis for axis in TTA_AXES if axis in letters)
 
 
-def flip_combinations(axes: str) -> list[tuple[int, ...]]:
+def flip_combinations(axes: str | Sequence[str]) -> list[tuple[int, ...]]:
     """The identity ``()`` and every non-empty combination of the array axes named by ``axes``.
 
     ``"xyz"`` gives 8 tuples (identity + 7), ``"xy"`` 4, ``""`` only the identity.
@@ -108,7 +110,7 @@ class MirroredInferer:
     4 = x, y, z of the RAS-oriented image), mirrors each output back and averages the logits.
     """
 
-    def __init__(self, inferer: Any, axes: str) -> None:
+    def __init__(self, inferer: Any, axes: str | Sequence[str]) -> None:
         self.inferer = inferer
         self.flips = flip_combinations(axes)
 
@@ -122,6 +124,6 @@ class MirroredInferer:
         return total / len(self.flips)
 
 
-def bundle_inferer(inferer: Any, axes: str) -> Any:
+def bundle_inferer(inferer: Any, axes: str | Sequence[str]) -> Any:
     """``inferer`` itself when ``axes`` is empty (the bundle's default), else a :class:`MirroredInferer`."""
     return MirroredInferer(inferer, axes) if parse_tta_axes(axes) else inferer

@@ -47,6 +47,22 @@ def test_axes_parse_to_canonical_letters_and_bad_ones_are_refused():
     combos = flip_combinations("xyz")
     assert len(combos) == 8 and len(set(combos)) == 8 and combos[0] == ()
     assert flip_combinations("yz") == [(), (1,), (2,), (1, 2)]
+    assert parse_tta_axes(("z", "y")) == "yz"  # monai.bundle run --tta_axes y,z passes a tuple
+
+
+def test_the_bundle_override_turns_the_inferer_into_a_mirrored_one():
+    from monai.bundle import ConfigParser
+    from monai.inferers import SlidingWindowInferer
+
+    from spleen_seg.training.bundle import inference_config
+
+    for axes, expected in (("", SlidingWindowInferer), ("xyz", MirroredInferer), (("x", "y"), MirroredInferer)):
+        parser = ConfigParser(inference_config())
+        parser["tta_axes"] = axes
+        inferer = parser.get_parsed_content("evaluator#inferer")
+        assert type(inferer) is expected, axes
+    assert inferer.flips == [(), (0,), (1,), (0, 1)]
+    assert isinstance(inferer.inferer, SlidingWindowInferer) and tuple(inferer.inferer.roi_size) == ROI
 
 
 @pytest.mark.parametrize("focus_radius", [8, None], ids=["focused", "all-windows"])
