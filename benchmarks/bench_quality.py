@@ -54,6 +54,7 @@ class Case:
     tta_dice: float | None = None
     tta_score: float | None = None
     tta_review: bool | None = None
+    tta_disagreement: float | None = None  # the flips' disagreement alone (disagreeing_voxels / region_voxels)
 
 
 def roc_auc(scores: list[float], failed: list[bool]) -> float:
@@ -112,6 +113,8 @@ def run_case(case: Case, seg, geometry_kwargs: dict, tta_axes: str, captured: di
         mask = tta.predict(image, geometry)
         case.tta_dice = dice(mask, phantom.spleen_mask)
         case.tta_score, case.tta_review = tta.last_quality.score, tta.last_quality.review_suggested
+        region = tta.last_quality.region_voxels
+        case.tta_disagreement = tta.last_quality.disagreeing_voxels / region if region else quality.EMPTY_SCORE
 
 
 def summarise(cases: list[Case], tta_axes: str) -> dict:
@@ -134,6 +137,7 @@ def summarise(cases: list[Case], tta_axes: str) -> dict:
             tta_failed = [(c.tta_dice or 0.0) < FAIL_DICE for c in subset]
             entry["tta"] = {"failed": sum(tta_failed),
                             "auc": roc_auc([c.tta_score or 0.0 for c in subset], tta_failed),
+                            "auc_disagreement_alone": roc_auc([c.tta_disagreement or 0.0 for c in subset], tta_failed),
                             "youden_threshold": youden_threshold([c.tta_score or 0.0 for c in subset], tta_failed)[0],
                             "sensitivity": sum(f and bool(c.tta_review) for f, c in zip(tta_failed, subset, strict=True))
                             / max(sum(tta_failed), 1),
@@ -163,14 +167,15 @@ def main() -> int:
     seg = load_segmenter(demo_weights_path(), "cpu", progress=False)
     cases = make_cases("calibration", CALIBRATION_SEED, args.cases) + make_cases("evaluation", EVALUATION_SEED, args.cases)
     start = time.perf_counter()
-    print("split        seed  degradation    severity   Dice  score review" + ("  TTA Dice  TTA score" if args.tta_axes else ""))
+    print("split        seed  degradation    severity   Dice  score review"
+          + ("  TTA Dice  TTA score  disagreement" if args.tta_axes else ""))
     for case in cases:
         run_case(case, seg, GEOMETRIES[args.geometry], args.tta_axes, captured)
         severity = "" if case.severity is None else f"{case.severity:.2f}"
         line = (f"{case.split:12s} {case.seed:5d}  {case.degradation:13s} {severity:>8s} {case.dice:6.3f} "
                 f"{case.score:6.3f} {'yes' if case.review else 'no':>6s}")
         if args.tta_axes:
-            line += f"  {case.tta_dice:8.3f}  {case.tta_score:9.3f}"
+            line += f"  {case.tta_dice:8.3f}  {case.tta_score:9.3f}  {case.tta_disagreement:12.3f}"
         print(line, flush=True)
     summary = summarise(cases, args.tta_axes)
     summary["seconds"] = round(time.perf_counter() - start, 1)

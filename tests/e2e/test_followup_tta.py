@@ -34,7 +34,8 @@ def test_segment_with_flip_tta_records_the_disagreement_score(phantom, write_nif
     assert proc.returncode == 0, tail(proc)
     report = json.loads((out / "scan" / "report.json").read_text())
     quality = report["quality"]
-    assert quality["method"] == "flip_disagreement" and quality["predictions"] == 2
+    assert quality["method"] == "flips_and_margin" and quality["predictions"] == 2
+    assert 0 <= quality["disagreeing_voxels"] <= quality["unsure_voxels"]
     assert 0.0 <= quality["score"] < 1.0 and quality["region_voxels"] > 1000
     assert report["identity"]["options"]["tta_axes"] == "z"
     mask = np.asarray(nib.load(str(out / "scan" / "spleen.nii.gz")).dataobj)

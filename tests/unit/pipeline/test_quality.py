@@ -42,16 +42,18 @@ def test_an_empty_mask_scores_one_and_asks_for_review():
     assert quality_score(np.full(SHAPE, -3.0, dtype=np.float32), counts).score == 1.0
 
 
-def test_flip_score_counts_voxels_where_the_mirrored_predictions_disagree():
+def test_flip_score_counts_disagreement_and_unsure_mean_margins():
     counts = np.zeros(SHAPE, dtype=np.uint8)
     counts[CUBE] = 8  # all eight agree on the cube
     counts[20, 10:20, 10:20] = 3  # three of eight see one more layer: disagreement, inside the region
-    margin = np.where(counts >= 4, 1.0, -1.0).astype(np.float32)  # the mean margin is not used for the region
+    margin = np.where(counts >= 4, 6.0, -6.0).astype(np.float32)  # a sure mean margin everywhere ...
+    margin[10, 10:20, 10:20] = 1.0  # ... but on one face of the cube, where all eight agree
     score = quality_score(margin, FlipAgreement(positive_count=counts, predictions=8))
     assert score.method == METHOD_FLIPS and score.predictions == 8
     # Region: the 10 x 10 x 11 block seen by any prediction, dilated by one voxel.
     assert score.region_voxels == 1100 + 2 * 110 + 2 * 110 + 2 * 100
-    assert score.unsure_voxels == 100
-    assert score.score == pytest.approx(100 / 1740)
+    assert score.disagreeing_voxels == 100 and score.unsure_voxels == 200
+    assert score.score == pytest.approx(200 / 1740)
     counts[CUBE] = 4  # half of them see the cube: all of it is disputed
-    assert quality_score(margin, FlipAgreement(counts, 8)).unsure_voxels == 1100
+    disputed = quality_score(margin, FlipAgreement(counts, 8))
+    assert disputed.disagreeing_voxels == 1100 and disputed.unsure_voxels == 1100

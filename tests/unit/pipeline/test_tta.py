@@ -76,10 +76,12 @@ def test_tta_equals_plain_inference_for_a_mirror_symmetric_network_and_input(foc
     np.testing.assert_array_equal(tta_mask, plain_mask)
     assert tta.last_windows is not None and plain.last_windows is not None
     assert tta.last_windows.computed == 8 * plain.last_windows.computed
-    # Eight identical predictions: nothing to disagree about.
-    assert tta.last_quality is not None and tta.last_quality.method == "flip_disagreement"
-    assert tta.last_quality.predictions == 8 and tta.last_quality.unsure_voxels == 0
+    # Eight identical predictions: nothing to disagree about; what is unsure is the plain margin's.
+    assert tta.last_quality is not None and tta.last_quality.method == "flips_and_margin"
+    assert tta.last_quality.predictions == 8 and tta.last_quality.disagreeing_voxels == 0
     assert plain.last_quality is not None and plain.last_quality.method == "margin"
+    assert (tta.last_quality.region_voxels, tta.last_quality.unsure_voxels) == (
+        plain.last_quality.region_voxels, plain.last_quality.unsure_voxels)
 
 
 def test_tta_averages_the_mirrored_predictions_of_an_asymmetric_network():
