@@ -126,7 +126,7 @@ class Segmenter:
     # the RAS grid; "" = none; see tta.py).
     tta_axes: str = ""
     last_windows: WindowStats | None = field(default=None, init=False)
-    # The last ``predict``'s quality score (quality.py): margin-based, or the flips' disagreement with TTA.
+    # The last ``predict``'s quality score (quality.py): unsure margins, with TTA also the flips' disagreement.
     last_quality: QualityScore | None = field(default=None, init=False)
     # What the last ``predict`` had to change to finish (out of memory): for the report.
     last_warnings: list[str] = field(default_factory=list, init=False)
