@@ -83,6 +83,18 @@ def _device(value: str) -> str:
     return value
 
 
+def _tta_axes(value: str) -> str:
+    from spleen_seg.pipeline.tta import parse_tta_axes
+
+    try:
+        axes = parse_tta_axes(value)
+    except SpleenSegError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not axes:
+        raise argparse.ArgumentTypeError("expected at least one of x, y, z (or leave out --tta-axes)")
+    return axes
+
+
 def _override(value: str) -> tuple[str, Any]:
     """``key=value`` with a JSON/Python-literal value, as ``monai.bundle run --key value``."""
     import ast
@@ -151,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "none to start a local instance (pip install \"spleen-seg[ray]\")")
     seg.add_argument("--ray-gpus-per-actor", type=_gpu_share, default=1.0, metavar="SHARE",
                      help="GPU share of each inference actor on GPU nodes (0.5: two actors per GPU; default 1)")
+    seg.add_argument("--tta", action="store_true",
+                     help="flip test-time augmentation: average the network over the scan and its 7 mirror images "
+                          "(about 8x the network's time; the quality score becomes the mirrored predictions' "
+                          "disagreement). Only for weights trained with mirroring: the bundle's recipe is not, and "
+                          "left-right mirroring breaks its masks (benchmarks/README.md)")
+    seg.add_argument("--tta-axes", type=_tta_axes, metavar="AXES",
+                     help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies --tta")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute every case (default: skip cases an earlier run finished with the same input, "
                           "weights, options and spleen-seg version)")
@@ -200,12 +219,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
+    _add_compare_command(sub, quiet)
     merge = sub.add_parser("merge-summaries", parents=[quiet],
                            help="rebuild OUT/summary.csv and OUT/index.html from the part summaries of "
                                 "segment --num-parts (and the journals of killed runs)")
     merge.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment")
     _add_node_commands(sub, quiet)
     return parser
+
+
+def _percent(value: str) -> float:
+    return _seconds_or_days(value, 0.0)
+
+
+def _add_compare_command(sub, quiet: argparse.ArgumentParser) -> None:
+    from spleen_seg.config import GROWTH_THRESHOLD_PERCENT
+
+    cmp = sub.add_parser("compare", parents=[quiet], help="follow-up: segment two CTs of one patient (or reuse OUT's "
+                         "earlier results) and measure the spleen's volume change")
+    cmp.add_argument("prior", help="the earlier CT: a NIfTI file or a DICOM series folder")
+    cmp.add_argument("current", help="the later CT of the same patient")
+    cmp.add_argument("-o", "--output", type=Path, required=True,
+                     help="output folder: prior/ and current/ (masks, reports), compare.json, compare.png")
+    cmp.add_argument("--growth-threshold-percent", type=_percent, default=GROWTH_THRESHOLD_PERCENT,
+                     metavar="P", help=f"flag a volume growth above P %% (default {GROWTH_THRESHOLD_PERCENT:g})")
+    cmp.add_argument("--force", action="store_true", help="compare even when the DICOM PatientIDs differ")
+    cmp.add_argument("--weights", type=_existing_file, help="as for segment; default: the cached official weights")
+    cmp.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
+    cmp.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    cmp.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
+                     help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
+    cmp.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    cmp.add_argument("--tta", action="store_true", help="flip test-time augmentation, as for segment")
+    cmp.add_argument("--tta-axes", type=_tta_axes, metavar="AXES", help="as for segment")
+    cmp.add_argument("--overwrite", action="store_true", help="segment both scans again even if OUT holds them")
 
 
 def _node_value(parse):
@@ -350,7 +397,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     device = args.device if ray is not None else resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
-                             precision=args.precision)
+                             precision=args.precision, tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
     terminated = _interrupt_on_sigterm()
     try:
         if part is None:
@@ -394,6 +441,30 @@ def _print_case(result: CaseResult) -> None:
         _line(f"warning: {result.case}: {warning}", sys.stderr)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from spleen_seg.batch.case import SegmentOptions
+    from spleen_seg.batch.compare import compare_followup
+    from spleen_seg.outputs.compare import summary_line
+    from spleen_seg.pipeline.backends import resolve_device_name
+    from spleen_seg.pipeline.network import default_segment_weights
+
+    weights = default_segment_weights(args.weights)
+    device = resolve_device_name(args.device)
+    options = SegmentOptions(largest_component=args.largest_component, weights_convention=args.weights_convention,
+                             tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+    result = compare_followup(args.prior, args.current, args.output, weights, device, backend=args.backend,
+                              progress=not args.quiet, options=options, force=args.force, overwrite=args.overwrite,
+                              growth_threshold_percent=args.growth_threshold_percent)
+    for role, reused in zip(("prior", "current"), result.reused, strict=True):
+        if reused:
+            _line(f"reused the {role} scan's segmentation from {args.output / role}")
+    _line(summary_line(result.comparison))
+    for warning in result.comparison.warnings:
+        _line(f"warning: {warning}", sys.stderr)
+    _line(f"written: {result.json_path}, {result.preview_path}")
+    return 0
+
+
 def cmd_merge_summaries(args: argparse.Namespace) -> int:
     """Rebuild summary.csv and index.html; exit 2 while a part has not finished."""
     from collections import Counter
@@ -421,17 +492,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from spleen_seg.training.train import train
 
     overrides = _bundle_overrides(args)
-    best = train(args.bundle_root, overrides)
-    print(f"best validation mean Dice {best:.4f}; weights: {args.bundle_root / 'models' / 'model.pt'}")
+    outcome = train(args.bundle_root, overrides)
+    print(outcome.message(), file=sys.stdout if outcome.validated else sys.stderr)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from spleen_seg.training.evaluate import evaluate
+    from spleen_seg.training.evaluate import WEIGHTS_OVERRIDE, evaluate
 
     overrides = _bundle_overrides(args)
     if args.weights is not None:
-        overrides["validate#handlers#0#load_path"] = str(args.weights.resolve())
+        overrides[WEIGHTS_OVERRIDE] = str(args.weights.resolve())
     mean_dice = evaluate(args.bundle_root, overrides)
     print(f"mean Dice {mean_dice:.4f}; per-case metrics: {args.bundle_root / 'eval' / 'case_metrics.csv'}")
     return 0
@@ -506,7 +577,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
-            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries}
+            "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

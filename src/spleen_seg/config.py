@@ -84,4 +84,7 @@ class Recipe:
 
 RECIPE = Recipe()
 
+# spleen-seg compare flags a spleen volume growth above this many percent (outputs/compare.py).
+GROWTH_THRESHOLD_PERCENT = 10.0
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")

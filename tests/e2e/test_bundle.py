@@ -4,6 +4,7 @@ CPU ranks on gloo) on phantoms: saved weights, per-case metrics and their number
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from spleen_seg.pipeline.network import build, load_network
-from spleen_seg.training.evaluate import CSV_COLUMNS
+from spleen_seg.training.evaluate import CSV_COLUMNS, SUMMARY_STATISTICS
 
 BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run"]
 # torchrun, two processes on this machine; --standalone picks a free rendezvous port.
@@ -75,10 +76,17 @@ def _check_resume_checkpoint(models: Path, epoch: int, iterations: int, model_st
 
 
 def _read_case_metrics(path: Path) -> list[dict[str, str]]:
+    """The case rows; the summary rows that follow them must summarise those cases."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
-        return list(reader)
+        rows = list(reader)
+    cases, summary = rows[: -len(SUMMARY_STATISTICS)], rows[-len(SUMMARY_STATISTICS):]
+    assert [row["case"] for row in summary] == list(SUMMARY_STATISTICS)
+    assert float(summary[0]["dice"]) == pytest.approx(np.mean([float(r["dice"]) for r in cases]), abs=1e-6)
+    twin = json.loads(path.with_suffix(".json").read_text())
+    assert [case["case"] for case in twin["cases"]] == [row["case"] for row in cases]
+    return cases
 
 
 def _read_metrics_saver(path: Path) -> dict[str, float]:

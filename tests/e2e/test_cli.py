@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_seg.pipeline.network import demo_weights_path
+from spleen_seg.pipeline.network import demo_weights_path, load_network
 from spleen_seg.training.evaluate import dice
 from spleen_seg.training.phantom import make_phantom
 
@@ -35,6 +35,9 @@ TINY_TRAINING = [
     "--set", "train#random_transforms#0#spatial_size=[64,64,64]",
 ]
 REPO = Path(__file__).resolve().parents[2]
+VALIDATION_LINE = re.compile(r"validation at epoch (?P<epoch>\d+/\d+): mean Dice (?P<dice>\d\.\d{4}) \(best \d\.\d{4} at "
+                             r"epoch \d+\); elapsed (?P<elapsed>\d+:\d\d:\d\d), remaining about "
+                             r"(?P<remaining>\d+:\d\d:\d\d) \(ETA \d\d:\d\d:\d\d\)")
 
 
 def _mask(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -167,9 +170,13 @@ def test_train_then_resume(phantom_dataset, run_command, tail, tmp_path):
     base = [*CLI, "train", "--dataset-dir", str(phantom_dataset.root), "--bundle-root", str(root), *TINY_TRAINING]
     proc = run_command([*base, "--epochs", "1"])
     assert proc.returncode == 0, tail(proc)
-    best = re.search(r"best validation mean Dice (\d+\.\d+)", proc.stdout)
+    best = re.search(r"best validation mean Dice (\d+\.\d+) at epoch 1 of 1; weights: (.+)$", proc.stdout, re.M)
     assert best is not None, tail(proc)
-    assert 0.0 <= float(best.group(1)) <= 1.0
+    assert 0.0 <= float(best.group(1)) <= 1.0 and Path(best.group(2)) == (root / "models" / "model.pt").resolve()
+    # The validation line: Dice, best so far, elapsed time and what remains of the run.
+    line = VALIDATION_LINE.search(proc.stdout + proc.stderr)
+    assert line is not None and line["epoch"] == "1/1" and line["remaining"] == "0:00:00", tail(proc)
+    assert float(line["dice"]) == pytest.approx(float(best.group(1)), abs=1e-4)
     models = root / "models"
     assert sorted(p.name for p in models.iterdir()) == ["model.pt", "resume_checkpoint_epoch=1.pt"]
     # The run records the configuration it ran: the generated bundle, byte for byte.
@@ -186,6 +193,7 @@ def test_train_then_resume(phantom_dataset, run_command, tail, tmp_path):
     # run show the resume.
     assert f"Restored all variables from {models / 'resume_checkpoint_epoch=1.pt'}" in output, tail(proc)
     assert re.search(r"Epoch: 2/2, Iter: 1/", output), tail(proc)
+    assert [m["epoch"] for m in VALIDATION_LINE.finditer(output)] == ["2/2"], tail(proc)
     assert not re.search(r"Epoch: 1/2, Iter: ", output), tail(proc)
     # The newest checkpoint, the one a further --resume picks, is epoch 2's.
     newest = max(models.glob("resume_checkpoint_epoch=*.pt"), key=lambda p: p.stat().st_mtime)
@@ -193,6 +201,27 @@ def test_train_then_resume(phantom_dataset, run_command, tail, tmp_path):
     second = torch.load(models / "resume_checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
     assert second["trainer"]["iteration"] == 2 * epoch_length
     assert (models / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_train_shorter_than_one_validation_interval(phantom_dataset, run_command, tail, tmp_path):
+    """Fewer epochs than the validation interval: said so, last weights named unvalidated, no -1.0."""
+    root = tmp_path / "run"
+    tiny = [arg for arg in TINY_TRAINING if arg not in ("--val-interval", "1")]
+    proc = run_command([*CLI, "train", "--dataset-dir", str(phantom_dataset.root), "--bundle-root", str(root), *tiny,
+                        "--epochs", "1", "--val-interval", "2"])
+    assert proc.returncode == 0, tail(proc)
+    output = proc.stdout + proc.stderr
+    assert "-1.0" not in output and "best validation" not in output and not VALIDATION_LINE.search(output), tail(proc)
+    unvalidated = (root / "models" / "model_unvalidated.pt").resolve()
+    assert (f"training ended after epoch 1 of 1, before its first validation (every 2 epochs): no validated weights; "
+            f"the last weights, NOT validated, are in {unvalidated}") in proc.stderr, tail(proc)
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["model_unvalidated.pt", "resume_checkpoint_epoch=1.pt"]
+    # They are the network as it ended: the every-epoch checkpoint's model.
+    saved = torch.load(unvalidated, map_location="cpu", weights_only=True)
+    last = torch.load(root / "models" / "resume_checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)["model"]
+    assert set(saved) == set(last) and all(torch.equal(saved[k], last[k]) for k in last)
+    load_network(unvalidated, torch.device("cpu"))
 
 
 def test_evaluate_demo_weights(phantom_dataset, demo_fp32_weights, run_command, tail, tmp_path):
@@ -205,9 +234,10 @@ def test_evaluate_demo_weights(phantom_dataset, demo_fp32_weights, run_command, 
     mean_dice = float(found.group(1))
     assert mean_dice >= MIN_DICE
     lines = (root / "eval" / "case_metrics.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2
-    case_dice = [float(line.split(",")[1]) for line in lines[1:]]
+    assert len(lines) == 1 + 2 + 3  # header, two cases, mean, median and iqr
+    case_dice = [float(line.split(",")[1]) for line in lines[1:3]]
     assert mean_dice == pytest.approx(np.mean(case_dice), abs=1e-4)
+    assert lines[3].startswith("mean,") and float(lines[3].split(",")[1]) == pytest.approx(mean_dice, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- demo, data

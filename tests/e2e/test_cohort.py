@@ -148,6 +148,8 @@ def test_cohort_page_in_headless_chromium(cohort, tmp_path):
     assert body is not None and "data-xss" not in body.group(0)  # neither injection ran
     assert "<title>spleen-seg cohort: out</title>" in dom and "4 of 4 cases: ok 3" not in dom  # no expected count
     assert "4 cases: ok 3, not found 0, failed 1" in dom
+    # Each segmented case shows its quality score (pipeline/quality.py), the failed one none.
+    assert len(re.findall(r'<td class="num quality(?: review)?">[01]\.\d{3}</td>', dom)) == 3
     failed_row = dom[dom.index('data-case="script&gt;"'):].split("</tr>")[0]
     assert html.escape(f"{XSS_PATH}: file not found (InputImageError)", quote=False) in failed_row
     assert [classes for classes, case, _ in rows if case == "script>"] == ["status-failed"]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from spleen_seg.pipeline.segmenter import PreparedImage, Segmenter
 
 if TYPE_CHECKING:
     from spleen_seg.outputs.report import CaseReport
+    from spleen_seg.pipeline.quality import QualityScore
 
 MASK_FILENAME = "spleen.nii.gz"
 RUN_INFO_FILENAME = "run_info.json"
@@ -63,6 +64,8 @@ class SegmentOptions:
     precision: str = "fp32"
     # None: decide from the weights (see network.weights_orientation_convention).
     weights_convention: str | None = None
+    # Flip TTA over these axes of the RAS grid ("xyz", "xy"...; "" = none): pipeline/tta.py.
+    tta_axes: str = ""
 
 
 @dataclass
@@ -222,8 +225,15 @@ def network_case(job: CaseJob, segmenter: Segmenter) -> CaseJob:
     prepared = job.prepared  # None once a stage failed
     if prepared is not None:
         with _stage(job, "network"):
-            segmenter.compute_margin(prepared)
+            with_tta(segmenter, job.options.tta_axes).compute_margin(prepared)
     return job
+
+
+def with_tta(segmenter: Segmenter, tta_axes: str) -> Segmenter:
+    """``segmenter``, averaging over the mirror images along ``tta_axes`` when asked (the same runner)."""
+    if not tta_axes or getattr(segmenter, "tta_axes", "") == tta_axes:
+        return segmenter
+    return replace(segmenter, tta_axes=tta_axes)
 
 
 def finish_case(job: CaseJob, segmenter: Segmenter) -> CaseResult:
@@ -238,7 +248,8 @@ def finish_case(job: CaseJob, segmenter: Segmenter) -> CaseResult:
         try:
             if job.error is None:
                 with _stage(job, None):
-                    result = _measure_and_write(job, mask, array, geometry, prepared.warnings, work_dir)
+                    result = _measure_and_write(job, mask, array, geometry, prepared.warnings, work_dir,
+                                                prepared.quality)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     job.array = job.prepared = None
@@ -253,7 +264,7 @@ def _work_seconds(job: CaseJob) -> float:
 
 
 def _measure_and_write(job: CaseJob, mask: np.ndarray, array: np.ndarray, geometry: Geometry,
-                       segmenter_warnings: list[str], work_dir: Path) -> CaseResult:
+                       segmenter_warnings: list[str], work_dir: Path, quality: QualityScore | None) -> CaseResult:
     from spleen_seg.outputs.report import REPORT_FILENAME, build_report, keep_components, write_report
 
     clock = time.perf_counter()
@@ -271,6 +282,7 @@ def _measure_and_write(job: CaseJob, mask: np.ndarray, array: np.ndarray, geomet
     report = build_report(job.case, str(job.path), mask, array, geometry, components,
                           [*job.warnings, *segmenter_warnings])
     report.model = dict(job.model)
+    report.quality = None if quality is None else quality.as_dict()
     report.identity = dict(job.identity)
     lap("measure")
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -185,7 +185,7 @@ def _start_actors(ray, weights: Path, device: str, backend: str, options: Segmen
         actors.append(actor_class.options(max_restarts=settings.max_retries, max_task_retries=0, **resources,
                                           **placement).remote(
             str(Path(weights).resolve()), device, backend, convention == CONVENTION_MSD, options.all_windows,
-            options.precision))
+            options.precision, options.tta_axes))
     try:
         described = ray.get([actor.describe.remote() for actor in actors])
     except ray.exceptions.RayActorError as err:
@@ -316,7 +316,7 @@ class InferenceActor:
     """The network, loaded once: ``margin`` runs the sliding window on one prepared image (``compute_margin``)."""
 
     def __init__(self, weights: str, device: str, backend: str, mirror_xy: bool, all_windows: bool,
-                 precision: str) -> None:
+                 precision: str, tta_axes: str = "") -> None:
         import ray
 
         from spleen_seg.pipeline.backends import resolve_device_name
@@ -329,7 +329,7 @@ class InferenceActor:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.device = resolve_device_name(device)
         self.segmenter = load_segmenter(Path(weights), self.device, backend, mirror_xy=mirror_xy, progress=False,
-                                        all_windows=all_windows, precision=precision)
+                                        all_windows=all_windows, precision=precision, tta_axes=tta_axes)
 
     def describe(self) -> dict[str, Any]:
         import socket

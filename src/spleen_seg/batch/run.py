@@ -205,7 +205,8 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
         pipeline = _Pipeline(batch, reader, writer, bar)
         try:
             pending = reader.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
-                                    progress=progress, all_windows=options.all_windows, precision=options.precision)
+                                    progress=progress, all_windows=options.all_windows, precision=options.precision,
+                                    tta_axes=options.tta_axes)
             pipeline.ahead[todo[0]] = reader.submit(pipeline.start, todo[0], None, "read", options)
             pipeline.segmenter = segmenter = pending.result()
             if options.preview:  # after the start-up work, so that it overlaps the network instead

@@ -39,7 +39,8 @@ from spleen_seg.outputs.report import AXIS_NAMES, CaseReport
 
 SUMMARY_FILENAME = "summary.csv"
 SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
-                   "extent_superior_inferior_mm", "components", "flags", "error", "reused")
+                   "extent_superior_inferior_mm", "components", "quality_score", "review_suggested", "flags", "error",
+                   "reused")
 JOURNAL_SUFFIX = ".journal.csv"
 PART_FILE = re.compile(r"^summary\.part-(?P<index>\d+)-of-(?P<count>\d+)(?P<kind>\.csv|\.journal\.csv|\.done)$")
 # Rewrites of the summary and the page may take this share of a run (RewriteSchedule).
@@ -70,7 +71,10 @@ class SummaryRow:
         components = str(self.report.components_found) if self.report is not None else ""
         flags = ";".join(self.report.flags) if self.report is not None else ""
         spans = [f"{extents[name]:.2f}" if extents else "" for name in AXIS_NAMES]
-        return [self.case, self.source, self.status, volume, *spans, components, flags, self.error,
+        quality = self.report.quality if self.report is not None else None
+        score = f"{quality['score']:.4f}" if quality else ""
+        review = ("yes" if self.report.review_suggested else "no") if quality and self.report is not None else ""
+        return [self.case, self.source, self.status, volume, *spans, components, score, review, flags, self.error,
                 "yes" if self.reused else "no"]
 
     def as_dict(self) -> Row:

@@ -462,3 +462,20 @@ def find_series(folder: str | Path) -> tuple[list[DicomSeries], list[Notice]]:
                               f"pass a folder holding an axial CT series")
     volumes.sort(key=lambda s: (str(s.folder), s.description, s.series_uid, s.part))
     return volumes, notices
+
+
+# Who and when a series is: what a follow-up comparison checks and records.
+PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyInstanceUID")
+
+
+def series_patient(series: DicomSeries) -> dict[str, str]:
+    """``PATIENT_KEYWORDS`` of a series, from its first file's header ("" where absent).
+
+    Raises ``InputImageError`` naming the file when its header cannot be read.
+    """
+    path = series.files[0]
+    try:
+        ds = read_dataset(path, stop_before_pixels=True)
+    except DICOM_READ_ERRORS as err:
+        raise InputImageError(f"{path}: DICOM header unreadable ({type(err).__name__}); cannot tell its patient") from err
+    return {keyword: str(ds.get(keyword, "") or "").strip() for keyword in PATIENT_KEYWORDS}

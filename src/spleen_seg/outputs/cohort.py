@@ -2,7 +2,8 @@
 
 The page is one self-contained file (inline CSS and JavaScript, no network, no server): the
 summary rows are embedded as JSON and a small script lists them, sortable by clicking a
-column, filterable by text, status, flag and volume outliers, 500 rows per page. The state
+column (the quality score too: ``pipeline.quality``), filterable by text, status, flag (``review
+suggested`` among them) and volume outliers, 500 rows per page. The state
 lives in the URL's fragment (``index.html#sort=-volume&status=failed``), so a view can be
 bookmarked or opened by a headless browser. Thumbnails and links are relative paths into
 each case's folder, so the output folder can be moved or copied as a whole.
@@ -43,6 +44,7 @@ FLAG_LABELS = {
     "non_ct_intensity": "non-CT intensities",
     FLAG_SEVERAL_COMPONENTS: "several components",
     "splenomegaly": "splenomegaly",
+    "review_suggested": "review suggested",
 }
 # Characters that could end the JSON's <script> element or start markup, as JSON escapes.
 _PLACEHOLDER = re.compile(r"\{\{(title|data)\}\}")
@@ -106,7 +108,8 @@ def page_data(rows: Sequence[Mapping[str, str]], files: CaseFiles, title: str, e
             flags.append(FLAG_SEVERAL_COMPONENTS)
         table.append([row.get("case", ""), row.get("status", ""), volume, z,
                       None if components is None else int(components), flags, row.get("error", ""),
-                      row.get("source", ""), row.get("reused") == "yes"])
+                      row.get("source", ""), row.get("reused") == "yes", _number(row.get("quality_score")),
+                      row.get("review_suggested") == "yes"])
     return {
         "title": title, "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "expected": expected, "rows_per_page": ROWS_PER_PAGE, "flag_labels": FLAG_LABELS,
@@ -156,6 +159,7 @@ td.reason{color:#b3261e;max-width:420px;word-break:break-word}
 img.thumb{display:block;width:300px;height:auto;min-height:40px;background:#000}
 tr.status-failed td,tr.status-interrupted td{background:#fdecea}
 tr.outlier td{background:#fff3c4}
+td.quality.review{color:#b3261e;font-weight:600}
 .badge{display:inline-block;margin:1px 3px 1px 0;padding:1px 7px;border-radius:10px;font-size:12px;background:#e8e8ed}
 .badge.flag{background:#ffe3bf}
 .badge.outlier{background:#ffd54f;font-weight:600}
@@ -182,7 +186,8 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
 <noscript><p>This page lists the cases with JavaScript; summary.csv beside it holds the same rows.</p></noscript>
 <table id="cases">
 <thead><tr><th data-sort="case">case</th><th>preview</th><th data-sort="volume">volume (mL)</th>
-<th data-sort="z">robust z</th><th data-sort="status">status</th><th>flags</th><th>reason</th><th>files</th></tr></thead>
+<th data-sort="z">robust z</th><th data-sort="quality" title="fraction of the mask and its boundary the network was unsure about (0 = sure)">quality score</th>
+<th data-sort="status">status</th><th>flags</th><th>reason</th><th>files</th></tr></thead>
 <tbody id="case-rows"></tbody>
 </table>
 <div id="pager"><button id="previous" type="button">previous</button><button id="next" type="button">next</button>
@@ -192,8 +197,9 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("cohort-data").textContent);
-  var C = {case: 0, status: 1, volume: 2, z: 3, components: 4, flags: 5, error: 6, source: 7, reused: 8};
-  var SORTABLE = {case: C.case, volume: C.volume, z: C.z, status: C.status};
+  var C = {case: 0, status: 1, volume: 2, z: 3, components: 4, flags: 5, error: 6, source: 7, reused: 8, quality: 9,
+           review: 10};
+  var SORTABLE = {case: C.case, volume: C.volume, z: C.z, quality: C.quality, status: C.status};
   var body = document.getElementById("case-rows");
   var $ = function (id) { return document.getElementById(id); };
 
@@ -250,6 +256,8 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     }
     tr.appendChild(el("td", "num volume", r[C.volume] === null ? "" : r[C.volume].toFixed(1)));
     tr.appendChild(el("td", "num z", r[C.z] === null ? "" : r[C.z].toFixed(1)));
+    tr.appendChild(el("td", "num quality" + (r[C.review] ? " review" : ""),
+                      r[C.quality] === null ? "" : r[C.quality].toFixed(3)));
     tr.appendChild(el("td", "status")).appendChild(el("span", "badge status", r[C.status].replace("_", " ")));
     td = tr.appendChild(el("td", "flags"));
     r[C.flags].forEach(function (f) { td.appendChild(el("span", "badge flag", data.flag_labels[f] || f)); });
@@ -266,15 +274,17 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
   }
 
   function overview() {
-    var counts = {ok: 0, not_found: 0, failed: 0, interrupted: 0}, outliers = 0, flags = {};
+    var counts = {ok: 0, not_found: 0, failed: 0, interrupted: 0}, outliers = 0, review = 0, flags = {};
     data.rows.forEach(function (r) {
       counts[r[C.status]] = (counts[r[C.status]] || 0) + 1;
       if (isOutlier(r)) { outliers += 1; }
+      if (r[C.review]) { review += 1; }
       r[C.flags].forEach(function (f) { flags[f] = true; });
     });
     var s = data.stats, text = data.rows.length + (data.expected ? " of " + data.expected : "") + " cases: ok " +
       counts.ok + ", not found " + counts.not_found + ", failed " + counts.failed +
-      (counts.interrupted ? ", interrupted " + counts.interrupted : "") + "; volume outliers " + outliers;
+      (counts.interrupted ? ", interrupted " + counts.interrupted : "") + "; review suggested " + review +
+      "; volume outliers " + outliers;
     if (s.median_ml !== null) {
       text += " (|robust z| > " + s.outlier_z + "; median " + s.median_ml.toFixed(1) + " mL, MAD " +
         s.mad_ml.toFixed(1) + " mL over " + s.cases + " spleens)";

@@ -53,7 +53,7 @@ def _centre(mask_ras: np.ndarray) -> tuple[int, int, int]:
     return tuple(s // 2 for s in mask_ras.shape)  # type: ignore[return-value]
 
 
-def _panel(ax, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], labels: tuple[str, str, str, str],
+def draw_panel(ax, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], labels: tuple[str, str, str, str],
            title: str) -> None:
     """Draw a 2D slice indexed (horizontal, vertical) with both axes increasing towards R/A/S.
 
@@ -100,9 +100,9 @@ def write_preview(image_hu: np.ndarray, mask: np.ndarray, affine_ras: np.ndarray
     figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI, facecolor="black")
     axes = figure.subplots(1, 3)
     sx, sy, sz = (float(s) for s in spacing)
-    _panel(axes[0], image[:, :, ck], mask_ras[:, :, ck], (sx, sy), ("R", "L", "A", "P"), f"axial (slice {ck})")
-    _panel(axes[1], image[:, cj, :], mask_ras[:, cj, :], (sx, sz), ("R", "L", "S", "I"), f"coronal (row {cj})")
-    _panel(axes[2], image[ci, :, :], mask_ras[ci, :, :], (sy, sz), ("A", "P", "S", "I"), f"sagittal (column {ci})")
+    draw_panel(axes[0], image[:, :, ck], mask_ras[:, :, ck], (sx, sy), ("R", "L", "A", "P"), f"axial (slice {ck})")
+    draw_panel(axes[1], image[:, cj, :], mask_ras[:, cj, :], (sx, sz), ("R", "L", "S", "I"), f"coronal (row {cj})")
+    draw_panel(axes[2], image[ci, :, :], mask_ras[ci, :, :], (sy, sz), ("A", "P", "S", "I"), f"sagittal (column {ci})")
     for ax in axes:
         ax.title.set_color("white")
     figure.suptitle(title, color="white", fontsize=13)

@@ -22,7 +22,8 @@ from spleen_seg.io.nifti import Geometry
 
 REPORT_FILENAME = "report.json"
 # 2: adds "identity" (what the outputs depend on; a later run resumes by it).
-REPORT_VERSION = 2
+# 3: adds "quality" (the per-case quality score and review_suggested; pipeline/quality.py).
+REPORT_VERSION = 3
 
 # 26-connectivity: voxels touching by a face, edge or corner belong to one component.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -53,6 +54,7 @@ FLAG_SPLENOMEGALY = "splenomegaly"
 FLAG_TOUCHES_BORDER = "touches_border"
 FLAG_HEADER_FLIP = "probable_header_flip"
 FLAG_NON_CT = "non_ct_intensity"
+FLAG_REVIEW = "review_suggested"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,12 @@ class CaseReport:
     message: str = ""
     # Input, weights and options digests and versions: a later run skips the case when equal.
     identity: dict[str, Any] = field(default_factory=dict)
+    # The quality score (pipeline.quality.QualityScore.as_dict); None when the segmenter gave none.
+    quality: dict[str, Any] | None = None
+
+    @property
+    def review_suggested(self) -> bool:
+        return bool(self.quality and self.quality.get("review_suggested"))
 
     @property
     def flags(self) -> list[str]:
@@ -117,6 +125,8 @@ class CaseReport:
             names.append(FLAG_HEADER_FLIP)
         if any(w.startswith(FLAG_NON_CT) for w in self.warnings):
             names.append(FLAG_NON_CT)
+        if self.review_suggested:
+            names.append(FLAG_REVIEW)
         return names
 
     def to_json(self) -> str:

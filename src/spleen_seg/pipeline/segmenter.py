@@ -20,6 +20,7 @@ from spleen_seg.config import RECIPE, Recipe
 from spleen_seg.io.nifti import Geometry
 from spleen_seg.pipeline.backends import Runner, make_runner, resolve_backend
 from spleen_seg.pipeline.memory import require_case_memory
+from spleen_seg.pipeline.quality import QualityScore, quality_score
 from spleen_seg.pipeline.resample import (
     RESAMPLE_CHUNK_BYTES,
     Reorientation,
@@ -28,6 +29,7 @@ from spleen_seg.pipeline.resample import (
     resample_linear,
     spacing_grid,
 )
+from spleen_seg.pipeline.tta import mirrored_margin
 from spleen_seg.pipeline.windows import WindowStats, spleen_margin
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,8 @@ class PreparedImage:
     the network has run. ``margin``: the network's (X', Y', Z') float32 margin on the same
     grid and in the same (possibly mirrored) frame. ``array_device``: where resampling and
     inversion run ("cpu" after device out of memory). ``warnings``: what the stages had to
-    change to finish (out of memory), for the case's report.
+    change to finish (out of memory), for the case's report. ``quality``: the margin's
+    quality score (with TTA, the mirrored predictions' disagreement).
     """
 
     image: np.ndarray | None
@@ -113,6 +116,8 @@ class PreparedImage:
     warnings: list[str] = field(default_factory=list)
     margin: np.ndarray | None = None
     windows: WindowStats | None = None
+    # The network stage's quality score (quality.py), for the case's report.
+    quality: QualityScore | None = None
 
 
 def _no_network(batch: np.ndarray) -> np.ndarray:
@@ -150,7 +155,12 @@ class Segmenter:
     device: str = "cpu"
     # Builds a CPU runner for when the device runs out of memory even at one window a batch.
     fallback: Callable[[], Runner] | None = None
+    # Flip TTA: the margin averaged over mirror images along these axes ("xyz" letters of
+    # the RAS grid; "" = none; see tta.py).
+    tta_axes: str = ""
     last_windows: WindowStats | None = field(default=None, init=False)
+    # The last ``predict``'s quality score (quality.py): unsure margins, with TTA also the flips' disagreement.
+    last_quality: QualityScore | None = field(default=None, init=False)
     # What the last ``predict`` had to change to finish (out of memory): for the report.
     last_warnings: list[str] = field(default_factory=list, init=False)
 
@@ -227,9 +237,11 @@ class Segmenter:
 
         inf = self.recipe.inference
         runner = _OutOfMemoryRetry(self.runner, self.fallback, warn)
-        prepared.margin, prepared.windows = spleen_margin(
-            prepared.image, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
-        )
+        prepared.margin, prepared.windows, agreement = mirrored_margin(prepared.image, lambda view: spleen_margin(
+            view, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
+        ), self.tta_axes)
+        # A fraction of the mask's voxels: the same whether or not the grid is mirrored.
+        prepared.quality = self.last_quality = quality_score(prepared.margin, agreement)
         prepared.image = None  # the inversion needs only the margin: release the windowed image first
         return prepared
 
@@ -340,7 +352,8 @@ def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], r
 
 
 def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_xy: bool = False,
-                   progress: bool = True, all_windows: bool = False, precision: str = "fp32") -> Segmenter:
+                   progress: bool = True, all_windows: bool = False, precision: str = "fp32",
+                   tta_axes: str = "") -> Segmenter:
     """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``).
 
     ``precision="fp16"``: AMP autocast for torch on CUDA, an fp16 engine for TensorRT.
@@ -351,5 +364,6 @@ def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_
         return make_runner(weights, resolve_backend("auto", "cpu"), "cpu")
 
     return Segmenter(runner=make_runner(weights, backend, device, precision), mirror_xy=mirror_xy, progress=progress,
-                     focus_radius=focus, device=device, fallback=cpu_runner if device.startswith("cuda") else None)
+                     focus_radius=focus, device=device, fallback=cpu_runner if device.startswith("cuda") else None,
+                     tta_axes=tta_axes)
 

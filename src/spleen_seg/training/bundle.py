@@ -42,6 +42,8 @@ CONFIG_FILES = (
 # Every-epoch resumable checkpoint (and --resume): attached in code, since a handler in
 # train#handlers cannot reference the trainer that holds it.
 _ATTACH_RESUME = "$spleen_seg.training.train.attach_resume(@train#trainer, @network, @optimizer, @ckpt_dir, @resume)"
+# One line per validation with elapsed time and ETA; after the resume loader (the restored epoch).
+_ATTACH_PROGRESS = "$spleen_seg.training.train.attach_progress(@train#trainer, @validate#evaluator)"
 
 
 def _common(recipe: Recipe) -> dict[str, Any]:
@@ -246,7 +248,7 @@ def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
         "train": _train_section(recipe),
         "validate": _validate_section(recipe),
         "initialize": [f"$monai.utils.set_determinism(seed={tr.seed})"],
-        "run": [_ATTACH_RESUME, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
     }
 
 
@@ -293,8 +295,11 @@ def evaluate_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
 
 def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
     return {
-        "imports": ["$import glob", "$import os", "$import spleen_seg", "$import spleen_seg.pipeline.network"],
+        "imports": ["$import glob", "$import os", "$import spleen_seg", "$import spleen_seg.pipeline.network",
+                    "$import spleen_seg.pipeline.tta"],
         **_common(recipe),
+        # Flip test-time augmentation, e.g. --tta_axes xyz (pipeline/tta.py); "" = none, as the reference.
+        "tta_axes": "",
         "output_ext": ".nii.gz",
         # The reference writes masks as float32; a label map is uint8.
         "output_dtype": "$numpy.uint8",
@@ -337,7 +342,7 @@ def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "device": "@device",
             "val_data_loader": "@dataloader",
             "network": "@network",
-            "inferer": "@inferer",
+            "inferer": "$spleen_seg.pipeline.tta.bundle_inferer(@inferer, @tta_axes)",
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": "@amp",
@@ -407,7 +412,7 @@ def multi_gpu_train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@train#trainer.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
-        "run": [_ATTACH_RESUME, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
         "finalize": ["$spleen_seg.training.distributed.destroy_process_group(@network)"],
     }
 

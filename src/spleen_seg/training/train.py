@@ -2,13 +2,24 @@
 
 ``spleen-seg train`` writes the generated bundle into ``<bundle_root>/configs`` (so the
 run folder records exactly what ran) and executes it with MONAI's ConfigWorkflow.
+
+How a run ends (:class:`TrainingOutcome`): the best validated weights are
+``models/model.pt`` (saved by the validation's CheckpointSaver); a run that ended before
+its first validation (fewer epochs than the validation interval) has none, and its last
+weights are written to ``models/model_unvalidated.pt``, named so that nobody mistakes them
+for validated ones. After each validation one line gives the epoch, the mean Dice, the best
+so far, the elapsed time and the run's expected remaining time and end (:func:`attach_progress`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import platform
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +27,12 @@ from spleen_seg import __version__
 from spleen_seg.errors import ConfigError
 
 RESUME_PATTERN = "resume_checkpoint_epoch=*.pt"
+BEST_WEIGHTS = "model.pt"
+UNVALIDATED_WEIGHTS = "model_unvalidated.pt"
+# MONAI's evaluator state before any validation.
+NO_METRIC = -1
+
+logger = logging.getLogger(__name__)
 
 
 def resume_checkpoint(ckpt_dir: str | Path) -> str:
@@ -42,6 +59,41 @@ def attach_resume(trainer: Any, network: Any, optimizer: Any, ckpt_dir: str, res
         from ignite.engine import Events
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: _keep_newest_resume_checkpoint(ckpt_dir))
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def attach_progress(trainer: Any, evaluator: Any) -> None:
+    """After each validation, one line on the trainer's logger (rank 0's alone under torchrun): the
+    epoch, the mean Dice, the best so far, the elapsed time and the run's remaining time and end.
+
+    The remaining time extrapolates the epochs this process ran (a resumed run counts from
+    where it resumed) to the run's last epoch, so it includes the validations to come.
+    """
+    from ignite.engine import Events
+
+    started: dict[str, float] = {}
+
+    def start(engine: Any) -> None:
+        # Attached after the resume checkpoint's loader: the epoch is the restored one.
+        started.update(time=time.monotonic(), epoch=engine.state.epoch)
+
+    def report(engine: Any) -> None:
+        epoch, last = trainer.state.epoch, trainer.state.max_epochs
+        elapsed = time.monotonic() - started["time"]
+        done = epoch - started["epoch"]
+        remaining = elapsed / done * (last - epoch) if done > 0 else 0.0
+        finish = (datetime.datetime.now() + datetime.timedelta(seconds=remaining)).strftime("%H:%M:%S")
+        metric = engine.state.metrics.get(engine.state.key_metric_name or "", float("nan"))
+        trainer.logger.info(
+            f"validation at epoch {epoch}/{last}: mean Dice {metric:.4f} (best {engine.state.best_metric:.4f} at "
+            f"epoch {engine.state.best_metric_epoch}); elapsed {_duration(elapsed)}, remaining about "
+            f"{_duration(remaining)} (ETA {finish})")
+
+    trainer.add_event_handler(Events.STARTED, start)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, report)
 
 
 def _keep_newest_resume_checkpoint(ckpt_dir: str) -> None:
@@ -101,18 +153,64 @@ def run_workflow(bundle_root: str | Path, config_names: list[str], overrides: di
     return workflow
 
 
-def train(bundle_root: str | Path, overrides: dict[str, Any]) -> float:
-    """Run ``train.json``; returns the best validation mean Dice (``models/model.pt``).
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """How a training run ended: its weights file (which exists) and whether they were validated."""
+
+    weights: Path
+    validated: bool
+    epochs: int  # the last epoch trained
+    max_epochs: int
+    val_interval: int
+    best_dice: float | None = None  # None when nothing was validated
+    best_epoch: int | None = None
+
+    def message(self) -> str:
+        if self.validated:
+            return (f"best validation mean Dice {self.best_dice:.4f} at epoch {self.best_epoch} of {self.epochs}; "
+                    f"weights: {self.weights}")
+        return (f"training ended after epoch {self.epochs} of {self.max_epochs}, before its first validation "
+                f"(every {self.val_interval} epochs): no validated weights; the last weights, NOT validated, are in "
+                f"{self.weights} (give --val-interval at most --epochs to validate and save models/{BEST_WEIGHTS})")
+
+
+def _outcome(workflow: Any, models: Path) -> TrainingOutcome:
+    """Check what the run left; without a validation, save the network's last weights as unvalidated."""
+    import torch
+
+    from spleen_seg.io.atomic import atomic_path
+
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    common = {"epochs": int(trainer.state.epoch), "max_epochs": int(trainer.state.max_epochs),
+              "val_interval": int(workflow.parser.get_parsed_content("val_interval"))}
+    if evaluator.state.best_metric_epoch != NO_METRIC:
+        best = models / BEST_WEIGHTS
+        if not best.is_file():
+            raise RuntimeError(f"validation ran but {best} was not saved")
+        return TrainingOutcome(weights=best, validated=True, best_dice=float(evaluator.state.best_metric),
+                               best_epoch=int(evaluator.state.best_metric_epoch), **common)
+    network = workflow.parser.get_parsed_content("network")
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    dest = models / UNVALIDATED_WEIGHTS
+    with atomic_path(dest) as tmp:
+        torch.save(state, tmp)
+    logger.warning("no validation ran: the last weights were saved, not validated, as %s", dest)
+    return TrainingOutcome(weights=dest, validated=False, **common)
+
+
+def train(bundle_root: str | Path, overrides: dict[str, Any]) -> TrainingOutcome:
+    """Run ``train.json``; returns how it ended: the best validated weights (``models/model.pt``) and
+    their mean Dice, or, when no validation ran, the last weights in ``models/model_unvalidated.pt``.
 
     With ``fix_msd_orientation`` the weights learned true anatomy: a sidecar
-    ``models/model.pt.json`` records that convention for ``segment``.
+    ``<weights>.json`` records that convention for ``segment``.
     """
     workflow = run_workflow(bundle_root, ["train.json"], overrides)
-    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    outcome = _outcome(workflow, Path(bundle_root).resolve() / "models")
     if overrides.get("fix_msd_orientation"):
         from spleen_seg.io.atomic import atomic_write_text
         from spleen_seg.pipeline.network import CONVENTION_TRUE, SIDECAR_KEY, sidecar_path
 
-        weights = Path(bundle_root).resolve() / "models" / "model.pt"
-        atomic_write_text(sidecar_path(weights), json.dumps({SIDECAR_KEY: CONVENTION_TRUE}) + "\n")
-    return float(evaluator.state.best_metric)
+        atomic_write_text(sidecar_path(outcome.weights), json.dumps({SIDECAR_KEY: CONVENTION_TRUE}) + "\n")
+    return outcome
