@@ -285,9 +285,33 @@ def read_volume(path: str | Path, *, max_bytes: int | None = None) -> tuple[np.n
         raise ResourceError(f"{path}: reading needs ~{format_bytes(needed)} ({'x'.join(map(str, geometry.shape))} "
                             "voxels as float32), more than this machine can allocate") from err
     low, high = _read_slabs(path, image, array)
+    _check_gzip_end(path, image)
     if low == high:
         raise InputImageError(f"{path}: image is constant ({low:g} everywhere), nothing to segment")
     return array, geometry
+
+
+def _check_gzip_end(path: Path, image: nib.Nifti1Image) -> None:
+    """Read a ``.nii.gz`` stream to its end, where gzip checks the CRC-32 and length of what it inflated.
+
+    Why: nibabel stops at the last voxel byte, before the gzip trailer, so damaged
+    compressed data that still inflates (flipped bits) was segmented without a word.
+    The stream the slabs were read from is continued (nibabel's opener, kept open by
+    ``keep_file_open``), so the check costs the few bytes left; when that opener is not
+    there (another nibabel), the file is inflated once more.
+    """
+    fileobj = getattr(getattr(image.dataobj, "_opener", None), "fobj", None)
+    try:
+        if isinstance(fileobj, gzip.GzipFile):
+            while fileobj.read(READ_SLAB_BYTES):
+                pass
+        elif path.name.lower().endswith(".gz"):
+            with gzip.open(path) as stream:
+                while stream.read(READ_SLAB_BYTES):
+                    pass
+    except _READ_ERRORS as err:
+        raise InputImageError(f"{path}: damaged gzip data ({err.__class__.__name__}: {_first_line(err)}); "
+                              "the voxels cannot be trusted, copy or export the file again") from err
 
 
 def _read_slabs(path: Path, image: nib.Nifti1Image, out: np.ndarray) -> tuple[float, float]:

@@ -97,6 +97,34 @@ def test_slab_reading_equals_nibabel_whole_read(tmp_path, suffix, monkeypatch):
     np.testing.assert_array_equal(array, expected)
 
 
+def _gzip_member(raw: bytes) -> bytearray:
+    """A one-member gzip file without a file name: header 10 bytes, deflate data, CRC-32 (4), length (4)."""
+    return bytearray(gzip.compress(raw, mtime=0))
+
+
+@pytest.mark.parametrize("damage", ["crc", "length", "data"])
+def test_damaged_gzip_that_still_inflates_is_refused(tmp_path, damage):
+    """nibabel stops before the gzip trailer; the reader checks it, so silently wrong voxels never reach the network."""
+    data = _ct((32, 30, 20))
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+    raw = gzip.decompress(path.read_bytes())
+    member = _gzip_member(raw)
+    if damage == "crc":
+        member[-6] ^= 0xFF
+    elif damage == "length":
+        member[-2] ^= 0x01
+    else:  # the stored (uncompressed, level 0) voxels: a flipped byte still inflates, to a wrong voxel
+        member = bytearray(gzip.compress(raw, compresslevel=0, mtime=0))
+        member[len(member) - 8 - 100] ^= 0x40
+    path.write_bytes(bytes(member))
+    with pytest.raises(InputImageError, match=r"ct\.nii\.gz: damaged gzip data \(BadGzipFile"):
+        read_volume(path)
+    path.write_bytes(gzip.compress(raw, mtime=0))  # the same file undamaged reads exactly
+    array, _ = read_volume(path)
+    np.testing.assert_array_equal(array, data.astype(np.float32))
+
+
 def test_nan_in_a_late_slab_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(nifti, "READ_SLAB_BYTES", 2048)
     data = np.random.default_rng(0).normal(size=(16, 16, 10)).astype(np.float32)
