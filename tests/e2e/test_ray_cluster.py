@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +50,10 @@ POLL_S = 0.1
 OBJECT_STORE_BYTES = 100_000_000
 ACTOR_LINE = re.compile(r"inference actor 0: pid (\d+)")
 RETRY_LINE = re.compile(r"(\S+): inference actor 0 died or is unreachable \((\w+)\); retrying on actor 1")
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# Ray >= 2.59 starts a head with token authentication; the other node and the driver must
+# use it too (RAY_AUTH_MODE=token) with the same token: one per test session, never the
+# user's ~/.ray/auth_token.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 @dataclass(frozen=True)
