@@ -109,6 +109,61 @@ def _override(value: str) -> tuple[str, Any]:
     return key, parsed
 
 
+def _seconds_or_days(value: str, minimum: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{value}'") from None
+    if not minimum <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    return _seconds_or_days(value, 0.0)
+
+
+def _percent(value: str) -> float:
+    return _seconds_or_days(value, 0.0)
+
+
+def _quiet_seconds(value: str) -> float:
+    from spleen_seg.node.settings import MIN_QUIET_SECONDS
+
+    return _seconds_or_days(value, MIN_QUIET_SECONDS)
+
+
+def _node_value(parse):
+    """An argparse ``type=`` from a ``node.settings`` parser (its NodeError becomes a flag error)."""
+    def convert(value: str):
+        from spleen_seg.errors import NodeError
+
+        try:
+            return parse(value)
+        except NodeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = parse.__name__.removeprefix("parse_")
+    return convert
+
+
+# The subcommands' parsers, one function each; ``build_parser`` calls them in the order ``--help`` lists them.
+# ``quiet`` is the parent parser that accepts -q/-v after the subcommand too.
+
+def _add_verbosity_flags(parser: argparse.ArgumentParser, **default: Any) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines", **default)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug log lines, library warnings and tracebacks of unexpected errors", **default)
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """The network runtime flags ``compare`` and ``serve`` share, worded as for ``segment``."""
+    parser.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
+    parser.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
+                        help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
+    parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+
+
 def _add_bundle_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-dir", type=_existing_dir, required=True, help="MSD Task09 folder (imagesTr/, labelsTr/)")
     parser.add_argument("--bundle-root", type=Path, default=Path("runs/spleen"), help="run folder: configs/, models/, eval/")
@@ -119,19 +174,7 @@ def _add_bundle_run_flags(parser: argparse.ArgumentParser) -> None:
                         metavar="ID=VALUE", help="any bundle override, e.g. --set train#dataloader#batch_size=4")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation in CT (MONAI bundle compatible)")
-    parser.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug log lines, library warnings and tracebacks of unexpected errors")
-    # -q/-v also after the subcommand; SUPPRESS keeps a flag given before it.
-    quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
-    quiet.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="debug log lines, library warnings and tracebacks of unexpected errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_segment_parser(sub, quiet: argparse.ArgumentParser) -> None:
     seg = sub.add_parser("segment", parents=[quiet], help="segment CT volumes: NIfTI files, folders of them, or DICOM folders")
     seg.add_argument("inputs", nargs="*", help="NIfTI files (.nii, .nii.gz), folders of them, or DICOM folders")
     seg.add_argument("-o", "--output", type=Path, required=True,
@@ -174,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recompute every case (default: skip cases an earlier run finished with the same input, "
                           "weights, options and spleen-seg version)")
 
+
+def _add_train_parser(sub, quiet: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", parents=[quiet], help="train with the bundle's train.json")
     _add_bundle_run_flags(train)
     train.add_argument("--epochs", type=_positive_int, help="maximum epochs (bundle: 600)")
@@ -182,27 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fix-msd-orientation", action="store_true",
                        help="correct MSD Task09 headers (voxels LPS, headers RAS) so the weights learn true anatomy")
 
+
+def _add_evaluate_parser(sub, quiet: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate with the bundle's evaluate.json (original image space)")
     _add_bundle_run_flags(ev)
     ev.add_argument("--weights", type=_existing_file, help="weights to evaluate (default: <bundle-root>/models/model.pt)")
 
+
+def _add_demo_parser(sub, quiet: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", parents=[quiet], help="segment a built-in synthetic phantom with the demo weights")
     demo.add_argument("--seed", type=int, default=2026, help="phantom seed")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
 
+
+def _add_export_parser(sub, quiet: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[quiet], help="export the network: onnx, torchscript, openvino, tensorrt")
     export.add_argument("--weights", type=_existing_file, required=True, help="state dict (models/model.pt) or TorchScript")
     export.add_argument("--format", choices=("onnx", "torchscript", "openvino", "tensorrt"), required=True)
     export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 applies to tensorrt")
     export.add_argument("-o", "--output", type=Path, required=True, help="destination file (.onnx, .ts, .xml, .engine)")
 
+
+def _add_benchmark_parser(sub, quiet: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("benchmark", parents=[quiet], help="time the network and end-to-end inference per available backend")
     bench.add_argument("--weights", type=_existing_file, required=True, help="weights to time (any bundle state dict)")
     bench.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
     bench.add_argument("--volume", type=_existing_file, help="NIfTI CT for the end-to-end time (default: a phantom)")
     bench.add_argument("--repeats", type=_positive_int, default=5, help="timed network calls per backend")
 
+
+def _add_data_parser(sub, quiet: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", parents=[quiet], help="datasets: download MSD Task09, make phantoms")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     phantom = data_sub.add_parser("phantom", parents=[quiet], help="write synthetic CT phantoms in the MSD layout")
@@ -213,26 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     download = data_sub.add_parser("download", parents=[quiet], help="download and extract MSD Task09_Spleen")
     download.add_argument("--root", type=Path, help="cache folder (default: $SPLEEN_SEG_DATA or ~/.cache/spleen-seg/data)")
 
+
+def _add_weights_parser(sub, quiet: argparse.ArgumentParser) -> None:
     weights = sub.add_parser("weights", parents=[quiet], help="official model weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_sub.add_parser("download", parents=[quiet], help="download the official bundle weights into the cache "
                                                     "($SPLEEN_SEG_WEIGHTS or ~/.cache/spleen-seg/weights)")
     fetch.add_argument("--url", help="weights URL (default: the MONAI model zoo's)")
     fetch.add_argument("--md5", help="expected md5 of the file (default: the official weights')")
-    _add_compare_command(sub, quiet)
-    merge = sub.add_parser("merge-summaries", parents=[quiet],
-                           help="rebuild OUT/summary.csv and OUT/index.html from the part summaries of "
-                                "segment --num-parts (and the journals of killed runs)")
-    merge.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment")
-    _add_node_commands(sub, quiet)
-    return parser
 
 
-def _percent(value: str) -> float:
-    return _seconds_or_days(value, 0.0)
-
-
-def _add_compare_command(sub, quiet: argparse.ArgumentParser) -> None:
+def _add_compare_parser(sub, quiet: argparse.ArgumentParser) -> None:
     from spleen_seg.config import GROWTH_THRESHOLD_PERCENT
 
     cmp = sub.add_parser("compare", parents=[quiet], help="follow-up: segment two CTs of one patient (or reuse OUT's "
@@ -245,50 +291,20 @@ def _add_compare_command(sub, quiet: argparse.ArgumentParser) -> None:
                      metavar="P", help=f"flag a volume growth above P %% (default {GROWTH_THRESHOLD_PERCENT:g})")
     cmp.add_argument("--force", action="store_true", help="compare even when the DICOM PatientIDs differ")
     cmp.add_argument("--weights", type=_existing_file, help="as for segment; default: the cached official weights")
-    cmp.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
-    cmp.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
-    cmp.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
-                     help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
-    cmp.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    _add_runtime_flags(cmp)
     cmp.add_argument("--tta", action="store_true", help="flip test-time augmentation, as for segment")
     cmp.add_argument("--tta-axes", type=_tta_axes, metavar="AXES", help="as for segment")
     cmp.add_argument("--overwrite", action="store_true", help="segment both scans again even if OUT holds them")
 
 
-def _node_value(parse):
-    """An argparse ``type=`` from a ``node.settings`` parser (its NodeError becomes a flag error)."""
-    def convert(value: str):
-        from spleen_seg.errors import NodeError
-
-        try:
-            return parse(value)
-        except NodeError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    convert.__name__ = parse.__name__.removeprefix("parse_")
-    return convert
+def _add_merge_summaries_parser(sub, quiet: argparse.ArgumentParser) -> None:
+    merge = sub.add_parser("merge-summaries", parents=[quiet],
+                           help="rebuild OUT/summary.csv and OUT/index.html from the part summaries of "
+                                "segment --num-parts (and the journals of killed runs)")
+    merge.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment")
 
 
-def _seconds_or_days(value: str, minimum: float) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{value}'") from None
-    if not minimum <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    return _seconds_or_days(value, 0.0)
-
-
-def _quiet_seconds(value: str) -> float:
-    from spleen_seg.node.settings import MIN_QUIET_SECONDS
-
-    return _seconds_or_days(value, MIN_QUIET_SECONDS)
-
-
-def _add_node_commands(sub, quiet: argparse.ArgumentParser) -> None:
+def _add_serve_parser(sub, quiet: argparse.ArgumentParser) -> None:
     from spleen_seg.node import settings as node
 
     serve = sub.add_parser("serve", parents=[quiet], help="run a DICOM node: receive CT series from a PACS, "
@@ -322,17 +338,33 @@ def _add_node_commands(sub, quiet: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed")
     serve.add_argument("--weights", type=_existing_file,
                        help="state dict or TorchScript; default: the cached official weights")
-    serve.add_argument("--weights-convention", choices=("msd", "true"), help="as for segment")
-    serve.add_argument("--device", type=_device, default="auto", help="auto|cpu|cuda|cuda:N")
-    serve.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino", "tensorrt"), default="auto",
-                       help="network runtime (auto: OpenVINO on CPU, torch on CUDA)")
-    serve.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    _add_runtime_flags(serve)
 
+
+def _add_status_parser(sub, quiet: argparse.ArgumentParser) -> None:
     status = sub.add_parser("status", parents=[quiet], help="show a DICOM node's job table: what happened to "
                             "each received series")
     status.add_argument("--spool", type=_existing_dir, required=True, help="the --spool folder of spleen-seg serve")
     status.add_argument("--json", action="store_true", help="machine-readable output (every job and result)")
     status.add_argument("--limit", type=_positive_int, help="show only the newest N jobs")
+
+
+SUBCOMMAND_PARSERS = (_add_segment_parser, _add_train_parser, _add_evaluate_parser, _add_demo_parser,
+                      _add_export_parser, _add_benchmark_parser, _add_data_parser, _add_weights_parser,
+                      _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation in CT (MONAI bundle compatible)")
+    parser.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
+    _add_verbosity_flags(parser)
+    # -q/-v also after the subcommand; SUPPRESS keeps a flag given before it.
+    quiet = argparse.ArgumentParser(add_help=False)
+    _add_verbosity_flags(quiet, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in SUBCOMMAND_PARSERS:
+        add_parser(sub, quiet)
+    return parser
 
 
 def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
