@@ -123,10 +123,6 @@ def _non_negative_float(value: str) -> float:
     return _seconds_or_days(value, 0.0)
 
 
-def _percent(value: str) -> float:
-    return _seconds_or_days(value, 0.0)
-
-
 def _quiet_seconds(value: str) -> float:
     from spleen_seg.node.settings import MIN_QUIET_SECONDS
 
@@ -287,7 +283,7 @@ def _add_compare_parser(sub, quiet: argparse.ArgumentParser) -> None:
     cmp.add_argument("current", help="the later CT of the same patient")
     cmp.add_argument("-o", "--output", type=Path, required=True,
                      help="output folder: prior/ and current/ (masks, reports), compare.json, compare.png")
-    cmp.add_argument("--growth-threshold-percent", type=_percent, default=GROWTH_THRESHOLD_PERCENT,
+    cmp.add_argument("--growth-threshold-percent", type=_non_negative_float, default=GROWTH_THRESHOLD_PERCENT,
                      metavar="P", help=f"flag a volume growth above P %% (default {GROWTH_THRESHOLD_PERCENT:g})")
     cmp.add_argument("--force", action="store_true", help="compare even when the DICOM PatientIDs differ")
     cmp.add_argument("--weights", type=_existing_file, help="as for segment; default: the cached official weights")
