@@ -111,7 +111,7 @@ def main() -> None:
                   "--bundle_root", str(bundle_root), "--dataset_dir", str(dataset), "--output_dir", str(work / "bundle_out")]
     def ours_cmd(name: str, flags: str) -> list[str]:
         return [sys.executable, "-m", "spleen_seg.cli", "-q", "segment", str(volume), "-o", str(work / f"out_{name}"),
-                "--weights", str(args.weights), *shlex.split(flags)]
+                "--weights", str(args.weights), "--overwrite", *shlex.split(flags)]  # every run computes (no resume)
 
     variants = {"spleen-seg": args.extra_args}
     variants.update(dict(v.split("=", 1) for v in args.variant))
