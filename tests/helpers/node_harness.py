@@ -40,6 +40,8 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0
 POLL_S = 0.05
+# storescp writes a received file in place: one younger than this may still be growing.
+STORESCP_SETTLE_S = 0.5
 # dcmtk waits for delayed TCP acknowledgements between PDUs unless Nagle is off (40 ms per
 # instance on loopback); PACS products set this themselves.
 DCMTK_ENV = {"TCP_NODELAY": "1"}
@@ -198,7 +200,8 @@ class Storescp(Process):
     def __init__(self, folder: Path, port: int, log: Path, ae_title: str = "RECEIVER"):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port, self.ae_title = folder, port, ae_title
-        self._read: dict[str, pydicom.Dataset] = {}
+        # name -> ((size, mtime), data set): a file whose size or time changed is read again.
+        self._read: dict[str, tuple[tuple[int, int], pydicom.Dataset]] = {}
         super().__init__(["storescp", "-aet", ae_title, "-od", str(folder), str(port)], log, env=DCMTK_ENV)
         wait_until(lambda: echoscu(port, called=ae_title).returncode == 0, START_TIMEOUT_S, "storescp to listen")
 
@@ -207,14 +210,20 @@ class Storescp(Process):
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
     def received(self, sop_class_uid: str | None = None) -> list[pydicom.Dataset]:
-        """What arrived so far; a file storescp is still writing is read at a later call."""
+        """What arrived so far. storescp writes each file in place: one modified within the last
+        ``STORESCP_SETTLE_S`` is left for a later call (pydicom can parse a half-written file
+        without an error, up to an element boundary: a SEG without its last sequence items)."""
         for path in self.folder.iterdir():
-            if path.name not in self._read:
-                try:
-                    self._read[path.name] = pydicom.dcmread(path)
-                except (OSError, EOFError, ValueError, pydicom.errors.InvalidDicomError):
-                    continue
-        return [ds for _, ds in sorted(self._read.items())
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns)
+            cached = self._read.get(path.name)
+            if (cached is not None and cached[0] == key) or time.time() - stat.st_mtime < STORESCP_SETTLE_S:
+                continue
+            try:
+                self._read[path.name] = (key, pydicom.dcmread(path))
+            except (OSError, EOFError, ValueError, pydicom.errors.InvalidDicomError):
+                continue
+        return [ds for _, (_, ds) in sorted(self._read.items())
                 if sop_class_uid is None or ds.SOPClassUID == sop_class_uid]
 
 

@@ -39,8 +39,8 @@ PRECISIONS = ("fp32", "fp16")
 CACHE_ENV = "SPLEEN_SEG_CACHE"
 TORCH_BATCH = 4  # the bundle's sw_batch_size
 # OpenVINO runs one window per inference stream (THROUGHPUT hint): on 2 cores, 2 streams of one
-# thread give 1.14-1.18x the windows per second of one request on both cores (LATENCY hint),
-# with identical outputs (benchmarks/README.md, "Batch throughput"). A call takes up to as many windows as the hint
+# thread gave 1.02-1.26x (median 1.09x) the windows per second of one request on both cores
+# (LATENCY hint), never fewer, with identical outputs (benchmarks/bench_openvino_streams.py). A call takes up to as many windows as the hint
 # has streams, at most the bundle's sw_batch_size (the memory estimate assumes that many).
 OPENVINO_MAX_BATCH = TORCH_BATCH
 OPENVINO_COMPILED_DIR = "openvino_compiled"
