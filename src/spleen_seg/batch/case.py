@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,15 +225,8 @@ def network_case(job: CaseJob, segmenter: Segmenter) -> CaseJob:
     prepared = job.prepared  # None once a stage failed
     if prepared is not None:
         with _stage(job, "network"):
-            with_tta(segmenter, job.options.tta_axes).compute_margin(prepared)
+            segmenter.compute_margin(prepared)  # flip TTA, if asked, is the segmenter's (load_segmenter)
     return job
-
-
-def with_tta(segmenter: Segmenter, tta_axes: str) -> Segmenter:
-    """``segmenter``, averaging over the mirror images along ``tta_axes`` when asked (the same runner)."""
-    if not tta_axes or getattr(segmenter, "tta_axes", "") == tta_axes:
-        return segmenter
-    return replace(segmenter, tta_axes=tta_axes)
 
 
 def finish_case(job: CaseJob, segmenter: Segmenter) -> CaseResult:

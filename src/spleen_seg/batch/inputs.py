@@ -320,18 +320,22 @@ def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
     return read_series(source)
 
 
-def input_shape(source: InputItem) -> tuple[int, int, int] | None:
-    """(X, Y, Z) voxels an input declares, from headers alone; None when they cannot be read."""
+def input_header_geometry(source: InputItem) -> tuple[tuple[int, int, int], np.ndarray | tuple[float, ...]] | None:
+    """(X, Y, Z) voxels and the affine (NIfTI) or voxel spacing in mm (DICOM) an input's headers
+    declare, from headers alone (one DICOM header read); None when they cannot be read."""
     try:
-        if isinstance(source, Path):
-            return read_geometry(source).shape
         if isinstance(source, FailedInput):
             return None
+        if isinstance(source, Path):
+            geometry = read_geometry(source)
+            return geometry.shape, geometry.affine_ras
         import pydicom
 
         first = pydicom.dcmread(source.files[0], stop_before_pixels=True, force=True)
         frames = int(first.get("NumberOfFrames", 0) or 0) if source.multiframe else 0
-        return int(first.Columns), int(first.Rows), frames or len(source.files)
-    # Headers the reader will refuse anyway: the shape is simply unknown here.
+        row_mm, column_mm = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
+        slice_mm = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        return (int(first.Columns), int(first.Rows), frames or len(source.files)), (column_mm, row_mm, slice_mm)
+    # Headers the reader will refuse anyway: the geometry is simply unknown here (the case fails when read).
     except Exception:
         return None

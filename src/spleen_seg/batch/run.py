@@ -36,14 +36,12 @@ from spleen_seg.batch.case import (
     warm_output_imports,
     write_run_info,
 )
-from spleen_seg.batch.inputs import InputItem, Part, input_source, unique_case_ids
+from spleen_seg.batch.inputs import InputItem, Part, input_header_geometry, input_source, unique_case_ids
 from spleen_seg.batch.progress import BatchProgress, Stopwatch, totals_line
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
 from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from spleen_seg.batch.ray import RaySettings
     from spleen_seg.pipeline.segmenter import Segmenter
 
@@ -295,7 +293,7 @@ def _ahead_mode(current: CaseJob, following: InputItem) -> str:
         estimate_case_memory,
     )
 
-    header = _header_geometry(following)
+    header = input_header_geometry(following)
     if header is None:  # unreadable headers: its read fails fast, and it would fail later too
         return "read"
     if current.geometry is not None or current.error is not None:
@@ -310,29 +308,3 @@ def _ahead_mode(current: CaseJob, following: InputItem) -> str:
             return "read"
     logger.info("not reading %s ahead: memory is short; it is read when its turn comes", input_source(following))
     return "none"
-
-
-def _header_geometry(item: InputItem) -> tuple[tuple[int, int, int], np.ndarray | tuple[float, ...]] | None:
-    """(X, Y, Z) voxels and the affine (NIfTI) or voxel spacing in mm (DICOM) an input's headers declare; None
-    when they cannot be read."""
-    from spleen_seg.batch.inputs import FailedInput, input_shape
-    from spleen_seg.io.nifti import read_geometry
-
-    try:
-        if isinstance(item, FailedInput):
-            return None
-        if isinstance(item, Path):
-            geometry = read_geometry(item)
-            return geometry.shape, geometry.affine_ras
-        shape = input_shape(item)
-        if shape is None:
-            return None
-        import pydicom
-
-        first = pydicom.dcmread(item.files[0], stop_before_pixels=True, force=True)
-        row_mm, column_mm = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
-        slice_mm = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-        return shape, (column_mm, row_mm, slice_mm)
-    # Headers the reader will refuse anyway: the case fails when it is read.
-    except Exception:
-        return None
