@@ -16,6 +16,17 @@ def format_bytes(count: float) -> str:
     return f"{int(count)} bytes"
 
 
+def library_message(err: BaseException, max_chars: int | None = 200) -> str:
+    """The first line of a library exception's message (at most ``max_chars``), for our own one-line errors.
+
+    Why: some libraries put a traceback in the message itself (pydicom's ``tag_in_exception``:
+    ``"With tag (0010,0030) got exception: ...\nTraceback (most recent call last): ..."``);
+    the first line is the gist, the rest would break the one-line error and notice lines.
+    """
+    first = (str(err).splitlines() or [""])[0]
+    return first if max_chars is None else first[:max_chars]
+
+
 class SpleenSegError(ValueError):
     """Base class for errors caused by user input."""
 

@@ -22,7 +22,7 @@ import numpy as np
 from spleen_seg import __version__
 from spleen_seg.batch.inputs import FailedInput, InputItem, input_case_id, input_source, load_input
 from spleen_seg.config import RECIPE
-from spleen_seg.errors import SpleenSegError
+from spleen_seg.errors import SpleenSegError, library_message
 from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.io.nifti import Geometry, write_mask
 from spleen_seg.pipeline.segmenter import PreparedImage, Segmenter
@@ -89,7 +89,9 @@ def describe_failure(source: Path, err: BaseException) -> str:
 
     Project errors already start with the input's path; it is not repeated.
     """
-    what = WHITESPACE_RUN.sub(" ", str(err)).strip()
+    # A library's message can hold a traceback after its first line (pydicom): its gist is the first line.
+    message = str(err) if isinstance(err, SpleenSegError) else library_message(err, max_chars=None)
+    what = WHITESPACE_RUN.sub(" ", message).strip()
     what = what.removeprefix(f"{source}: ").removeprefix(f"{source}:").strip()
     if not what:
         what = NO_MESSAGE.get(type(err), "failed without a message")

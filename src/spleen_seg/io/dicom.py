@@ -75,7 +75,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from spleen_seg.errors import InputImageError
+from spleen_seg.errors import InputImageError, library_message
 from spleen_seg.io.dicom_files import (
     DICOM_READ_ERRORS,
     DIRECTION_TOLERANCE,
@@ -427,7 +427,7 @@ def _read_headers(folder: Path) -> tuple[dict[tuple[str, ...], list[Member]], li
         except InvalidDicomError:
             continue  # not DICOM at all: notes, thumbnails, .DS_Store
         except DICOM_READ_ERRORS as err:
-            notices.append(_warning(f"skipped file {path}: unreadable DICOM ({err.__class__.__name__}: {err})"))
+            notices.append(_warning(f"skipped file {path}: unreadable DICOM ({err.__class__.__name__}: {library_message(err)})"))
             continue
         if sop_class_uid(ds) == MediaStorageDirectoryStorage:
             notices.append(_info(f"skipped file {path}: DICOMDIR (a media directory, not an image)"))

@@ -21,7 +21,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from spleen_seg.errors import InputImageError
+from spleen_seg.errors import InputImageError, library_message
 
 DICM_MAGIC = b"DICM"
 PREAMBLE_BYTES = 128
@@ -126,7 +126,7 @@ def slice_hu(ds: Dataset, path: Path, where: str) -> np.ndarray:
     except (AttributeError, NotImplementedError, RuntimeError, ValueError, KeyError, TypeError) as err:
         syntax = str(ds.file_meta.get("TransferSyntaxUID") or "unknown")
         name = UID(syntax).name if syntax != "unknown" else syntax
-        raise InputImageError(f"{where}: cannot decode the pixels of {path} (transfer syntax {syntax}, {name}: {err}); "
+        raise InputImageError(f"{where}: cannot decode the pixels of {path} (transfer syntax {syntax}, {name}: {library_message(err)}); "
                               f"install the pydicom pixel decoders (pylibjpeg with its libjpeg, openjpeg and rle "
                               f"plugins) or decompress the files") from err
     if pixels.ndim != 2:
@@ -135,7 +135,7 @@ def slice_hu(ds: Dataset, path: Path, where: str) -> np.ndarray:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError) as err:
-        raise InputImageError(f"{where}: malformed RescaleSlope or RescaleIntercept in {path} ({err})") from err
+        raise InputImageError(f"{where}: malformed RescaleSlope or RescaleIntercept in {path} ({library_message(err)})") from err
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 

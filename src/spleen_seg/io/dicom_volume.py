@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
-from spleen_seg.errors import InputImageError
+from spleen_seg.errors import InputImageError, library_message
 from spleen_seg.io.dicom import DicomSeries
 from spleen_seg.io.dicom_files import (
     DICOM_READ_ERRORS,
@@ -85,7 +85,7 @@ def _load_datasets(series: DicomSeries, stop_before_pixels: bool) -> list[Datase
         try:
             datasets.append(read_dataset(path, stop_before_pixels=stop_before_pixels))
         except DICOM_READ_ERRORS as err:
-            raise InputImageError(f"{_where(series)}: cannot read {path} ({err.__class__.__name__}: {err})") from err
+            raise InputImageError(f"{_where(series)}: cannot read {path} ({err.__class__.__name__}: {library_message(err)})") from err
     return datasets
 
 
@@ -100,7 +100,7 @@ def _series_geometry(datasets: list[Dataset], series: DicomSeries) -> tuple[tupl
         grids = [np.asarray([int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))]) for ds in datasets]
     except (AttributeError, TypeError, ValueError) as err:
         raise InputImageError(f"{_where(series)}: missing or malformed geometry tags (ImageOrientationPatient, "
-                              f"ImagePositionPatient, PixelSpacing, Rows, Columns): {err}") from err
+                              f"ImagePositionPatient, PixelSpacing, Rows, Columns): {library_message(err)}") from err
     malformed = [path.name for path, p in zip(series.files, positions, strict=True) if p.shape != (3,)]
     if malformed:
         raise InputImageError(f"{_where(series)}: ImagePositionPatient is not three numbers in {', '.join(malformed)}")
@@ -217,7 +217,7 @@ def _read_multiframe(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
         index = multiframe_slice_index(dataset)
     except HIGHDICOM_ERRORS as err:
         raise InputImageError(f"{_where(series)}: cannot read the multi-frame CT {path} as one volume "
-                              f"({err.__class__.__name__}: {err}); export the series as single-frame CT images") from err
+                              f"({err.__class__.__name__}: {library_message(err)}); export the series as single-frame CT images") from err
     if volume.array.ndim != 3 or volume.spatial_shape[0] != len(index):
         raise InputImageError(f"{_where(series)}: the multi-frame CT {path} has {len(index)} frames but makes a volume "
                               f"of shape {volume.spatial_shape}; export the series as single-frame CT images")
@@ -269,5 +269,5 @@ def source_slice_index(series: DicomSeries, datasets: list[Dataset]) -> list[int
     try:
         return multiframe_slice_index(datasets[0])
     except HIGHDICOM_ERRORS as err:
-        raise InputImageError(f"{_where(series)}: the frames of {series.files[0]} carry no usable geometry ({err})") from err
+        raise InputImageError(f"{_where(series)}: the frames of {series.files[0]} carry no usable geometry ({library_message(err)})") from err
 

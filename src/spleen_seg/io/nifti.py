@@ -21,7 +21,7 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
-from spleen_seg.errors import InputImageError, ResourceError, format_bytes
+from spleen_seg.errors import InputImageError, ResourceError, format_bytes, library_message
 from spleen_seg.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -132,14 +132,10 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
             raise InputImageError(f"{path}: the header's qform quaternion (quatern_b, quatern_c, quatern_d) is not a "
                                   "rotation (b^2 + c^2 + d^2 > 1): fix the header or set qform_code to 0") from err
         raise InputImageError(f"{path}: not a readable NIfTI image ({err.__class__.__name__}: "
-                              f"{_first_line(err)})") from err
+                              f"{library_message(err)})") from err
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputImageError(f"{path}: not a NIfTI image (found {type(image).__name__})")
     return image, fixes
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [""])[0][:200]
 
 
 def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
@@ -162,7 +158,7 @@ def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
         # The proxy's offset is the file's; the image's header copy has its offset reset to 0.
         offset = int(cast(nib.arrayproxy.ArrayProxy, image.dataobj).offset)
     except _READ_ERRORS as err:
-        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
+        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {library_message(err)})") from err
     voxel_bytes = math.prod(int(n) for n in image.shape) * dtype.itemsize
     size = path.stat().st_size
     declared = f"{'x'.join(str(n) for n in image.shape)} {dtype.name} voxels ({format_bytes(voxel_bytes)})"
@@ -183,7 +179,7 @@ def _raw_header(path: Path, image: nib.Nifti1Image) -> nib.Nifti1Header:
         with nib.openers.ImageOpener(str(path)) as handle:
             return type(image.header).from_fileobj(handle, check=False)
     except _READ_ERRORS as err:
-        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {_first_line(err)})") from err
+        raise InputImageError(f"{path}: unusable header ({err.__class__.__name__}: {library_message(err)})") from err
 
 
 def _orientation(path: Path, image: nib.Nifti1Image, fixes: list[str]) -> tuple[np.ndarray, nib.Nifti1Header, list[str]]:
@@ -310,7 +306,7 @@ def _check_gzip_end(path: Path, image: nib.Nifti1Image) -> None:
                 while stream.read(READ_SLAB_BYTES):
                     pass
     except _READ_ERRORS as err:
-        raise InputImageError(f"{path}: damaged gzip data ({err.__class__.__name__}: {_first_line(err)}); "
+        raise InputImageError(f"{path}: damaged gzip data ({err.__class__.__name__}: {library_message(err)}); "
                               "the voxels cannot be trusted, copy or export the file again") from err
 
 

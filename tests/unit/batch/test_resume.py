@@ -199,6 +199,11 @@ def test_error_line_is_one_line_without_the_repeated_path(batch):
     assert describe_failure(source, MemoryError()) == f"{source}: not enough memory (MemoryError)"
     long = describe_failure(source, ValueError("x" * 5000 + "\n" + "y"))
     assert "\n" not in long and len(long) < len(str(source)) + MAX_ERROR_CHARS + 40 and long.endswith("[...] (ValueError)")
+    # pydicom puts a traceback after the first line of its message: the line keeps the gist only.
+    pydicom_style = NotImplementedError("With tag (0010,0030) got exception: Unknown Value Representation '0x44 0xcd'"
+                                        "\nTraceback (most recent call last):\n  File \"hooks.py\", line 246")
+    assert describe_failure(source, pydicom_style) == (f"{source}: With tag (0010,0030) got exception: Unknown Value "
+                                                       "Representation '0x44 0xcd' (NotImplementedError)")
 
 
 def test_ctrl_c_discards_the_current_case_and_writes_the_summary(batch, monkeypatch):
