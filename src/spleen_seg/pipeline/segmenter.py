@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,13 @@ class _OutOfMemoryRetry:
                 continue
             start += len(part)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """A pipelined runner (a CPU runtime: it has no device memory to run out of) streams
+        the batches; any other runs them one at a time with the retries above."""
+        if self.runner.pipelined is not None and self.fallback is None:
+            return self.runner.stream(batches)
+        return map(self, batches)
 
     def _shrink(self, err: Exception) -> None:
         _release_device_memory()

@@ -193,3 +193,24 @@ def test_focus_grows_until_no_positive_lies_outside_the_computed_region():
     assert int(full.sum()) == 11163
     np.testing.assert_array_equal(focused, full)
     assert stats.rounds >= 2
+
+
+@pytest.mark.parametrize("radius", [1, 3, 8])
+def test_grow_equals_the_cube_filter_over_the_whole_grid(radius):
+    """The dilation filtered only over the seeds' box equals scipy's filter over the whole grid,
+    seeds on the grid's faces and corners included (where the filter mirrors the border)."""
+    from scipy.ndimage import maximum_filter
+
+    from spleen_seg.pipeline.windows import _grow
+
+    rng = np.random.default_rng(radius)
+    shapes = [(30, 25, 20), (9, 40, 13), (50, 50, 7)]
+    for shape, count in itertools.product(shapes, [0, 1, 2, 5]):
+        mask = np.zeros(shape, dtype=bool)
+        for _ in range(count):
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        mask[(0, -1)[count % 2], 0, -1] = count > 2  # a corner seed
+        expected = maximum_filter(mask.view(np.uint8), size=2 * radius + 1).view(bool)
+        grown = _grow(mask, radius)
+        assert np.array_equal(grown, expected), (shape, count)
+        assert grown.sum() == expected.sum()
