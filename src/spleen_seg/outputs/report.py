@@ -201,8 +201,12 @@ def extents_mm(mask: np.ndarray, affine_ras: np.ndarray) -> dict[str, float]:
 
 def touches_border(mask: np.ndarray) -> bool:
     """True when any mask voxel lies in the first or last slice along any axis."""
-    return any(bool(np.take(mask, 0, axis=axis).any() or np.take(mask, -1, axis=axis).any())
-               for axis in range(mask.ndim))
+
+    def face(axis: int, index: int) -> np.ndarray:
+        # A view: np.take would copy the whole volume first when it is not C-ordered.
+        return mask[(slice(None),) * axis + (index,)]
+
+    return any(bool(face(axis, 0).any() or face(axis, -1).any()) for axis in range(mask.ndim))
 
 
 def _world(affine_ras: np.ndarray, index: np.ndarray) -> np.ndarray:

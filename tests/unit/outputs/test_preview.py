@@ -65,3 +65,15 @@ def test_empty_mask_draws_no_contour(tmp_path):
     dest = write_preview(image, np.zeros_like(mask), affine, tmp_path / "preview.png", "case: spleen not found")
     pixels = mpimg.imread(str(dest))
     assert not ((pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.45)).any()
+
+
+def test_slices_pass_through_the_mask_centre_of_mass():
+    """The centre from the mask's counts per index equals the mean of its voxels' indices."""
+    from spleen_seg.outputs.preview import _centre
+
+    mask = np.zeros((40, 30, 20), dtype=np.uint8)
+    mask[10:20, 5:8, 2:4] = 1  # mean indices 14.5, 6, 2.5 -> rounded half to even
+    mask[30, 25, 15] = 1  # one far voxel moves the mean: (10*3*2*14.5 + 30) / 61
+    expected = tuple(int(round(float(index.mean()))) for index in np.nonzero(mask))
+    assert _centre(mask) == expected == (15, 6, 3)
+    assert _centre(np.zeros((7, 9, 4), dtype=np.uint8)) == (3, 4, 2)  # no mask: the volume's centre
