@@ -263,6 +263,9 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
         windows are done, while later windows run. 1.08x and 1.11x (medians of 9 CTs) the windows
         per second of starting a batch only once the last one is added up, identical margins
         (benchmarks/bench_window_stream.py)."""
+        # A stream its caller left early (an exception while adding up) may still have windows
+        # running: their outputs must not be taken for this stream's, which reuses the indices.
+        queue.wait_all()
         outputs.clear()
         started = 0
         waiting: deque[range] = deque()  # the window indices of each batch not yet handed out

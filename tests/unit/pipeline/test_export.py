@@ -63,6 +63,14 @@ def test_openvino_stream_gives_each_batch_its_own_outputs_in_order(weights):
     for batch, out in zip(batches, streamed, strict=True):
         np.testing.assert_array_equal(out, runner(batch))
     assert not np.array_equal(streamed[0][0], streamed[1][0])  # distinct windows, distinct outputs
+    # A stream left after its first batch (its caller raised) still has windows running; the
+    # next stream reuses their indices and must not hand out their outputs.
+    # One window a batch: when the first is handed out, later ones are running.
+    left = runner.stream(iter([window[None] for batch in batches for window in batch]))
+    next(left)
+    left.close()
+    again = list(runner.stream(iter([batches[2]])))
+    np.testing.assert_array_equal(again[0], streamed[2])
 
 
 def test_focused_margin_is_the_same_streamed_or_batch_by_batch(weights):
