@@ -30,7 +30,7 @@ from spleen_seg.pipeline.resample import (
     spacing_grid,
 )
 from spleen_seg.pipeline.tta import mirrored_margin
-from spleen_seg.pipeline.windows import WindowStats, spleen_margin
+from spleen_seg.pipeline.windows import WindowStats, spleen_margin, true_span
 
 logger = logging.getLogger(__name__)
 
@@ -298,14 +298,7 @@ class Segmenter:
 def _positive_box(margin) -> tuple[list[int], list[int]] | None:
     """(first, last) index per axis of the voxels with a positive margin; None if there are none."""
     if isinstance(margin, np.ndarray):
-        # Per-axis projections of the sign: no index arrays, which a network marking much
-        # of the volume would make 24 bytes per positive voxel.
-        positive = margin > 0
-        spans = [np.flatnonzero(positive.any(axis=tuple(a for a in range(positive.ndim) if a != axis)))
-                 for axis in range(positive.ndim)]
-        if spans[0].size == 0:
-            return None
-        return [int(span[0]) for span in spans], [int(span[-1]) for span in spans]
+        return true_span(margin > 0)
     import torch
 
     found = torch.nonzero(margin > 0)
