@@ -260,9 +260,9 @@ def _openvino_runner(weights: Path, device: str, precision: str) -> Runner:
     def stream(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """One window a stream, every stream kept busy: a window starts as soon as a stream is
         free (``start_async`` waits for one), and a batch's outputs are handed out once all its
-        windows are done, while later windows run. 1.08x and 1.11x (medians of 9 CTs) the windows
-        per second of starting a batch only once the last one is added up, identical margins
-        (benchmarks/bench_window_stream.py)."""
+        windows are done, while later windows run. 1.11x and 1.04x (two runs, medians of 9 CTs)
+        the windows per second of starting a batch only once the last one is added up,
+        identical margins (benchmarks/bench_window_stream.py)."""
         # A stream its caller left early (an exception while adding up) may still have windows
         # running: their outputs must not be taken for this stream's, which reuses the indices.
         queue.wait_all()
