@@ -79,9 +79,9 @@ class _OutOfMemoryRetry:
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """A pipelined runner (a CPU runtime: it has no device memory to run out of) streams
+        """A pipelined runner (only CPU runtimes are: no device memory to run out of) streams
         the batches; any other runs them one at a time with the retries above."""
-        if self.runner.pipelined is not None and self.fallback is None:
+        if self.runner.pipelined is not None:
             return self.runner.stream(batches)
         return map(self, batches)
 
