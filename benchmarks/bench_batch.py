@@ -12,10 +12,11 @@ and prints per-run wall time and peak RSS, the medians, the speed ratios against
 and per-case mask Dice against the bundle's masks.
 
 Usage: python benchmarks/bench_batch.py [--runs 3] [--weights PATH] [--no-ray] [--parts K]
-       [--variant NAME="flags" ...]
+       [--variant NAME="flags" ...] [--volumes DIR]
 
-GPU (CTs per second on one GPU, target >= 2 CT/s): see benchmarks/README.md, "Batch
-throughput on a GPU"; run with `--device cuda --cases 24 --no-bundle`.
+GPU (CTs per second on one GPU, target >= 2 CT/s): `benchmarks/gpu_check.sh` runs it with
+`--device cuda --no-bundle --volumes DIR` over 24 copies of one CT of MSD geometry
+(benchmarks/README.md, "Batch throughput on a GPU").
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def build_msd_volumes(folder: Path, count: int) -> list[Path]:
         sitk.WriteImage(padded, str(dest))
         paths.append(dest)
     return paths
+
+
+def given_volumes(source: Path, images: Path) -> list[Path]:
+    """Links in ``images`` (where the bundle reads them too) to the ``*.nii.gz`` of ``source``, sorted by name."""
+    links = []
+    for volume in sorted(source.glob("*.nii.gz")):
+        links.append(images / volume.name)
+        links[-1].symlink_to(volume.resolve())
+    if not links:
+        sys.exit(f"{source}: no *.nii.gz volumes there")
+    return links
 
 
 def network_alone(volumes: list[Path], weights: Path, device: str) -> None:
@@ -109,19 +121,24 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=3, help="K of the parts run (0: skip)")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="another spleen-seg configuration to time")
+    parser.add_argument("--volumes", type=Path, metavar="DIR",
+                        help="time the *.nii.gz in DIR instead of building --cases CTs (no SimpleITK or ../shared needed)")
     parser.add_argument("--network-alone", nargs="+", type=Path, metavar="VOLUME", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.network_alone:
         network_alone(args.network_alone, args.weights, args.device)
         return
-    if not REAL_CT.exists() or not args.weights.exists():
-        sys.exit(f"needs {REAL_CT} and {args.weights}")
+    if not args.weights.exists() or not (args.volumes or REAL_CT).exists():
+        sys.exit(f"needs {args.weights} and {args.volumes or REAL_CT}")
 
     work = Path(tempfile.mkdtemp(prefix="bench_batch_"))
     dataset = work / "Task09_Spleen"
     (dataset / "imagesTs").mkdir(parents=True)
-    volumes = build_msd_volumes(dataset / "imagesTs", args.cases)
-    print(f"{len(volumes)} volumes: {nib.load(str(volumes[0])).shape} at {MSD_SPACING_MM} mm from {REAL_CT.name}")
+    volumes = given_volumes(args.volumes, dataset / "imagesTs") if args.volumes else \
+        build_msd_volumes(dataset / "imagesTs", args.cases)
+    first = nib.load(str(volumes[0]))
+    spacing = tuple(round(float(z), 5) for z in first.header.get_zooms()[:3])
+    print(f"{len(volumes)} volumes: {first.shape} at {spacing} mm from {args.volumes or REAL_CT.name}")
     bundle_root = work / "bundle"
     (bundle_root / "models").mkdir(parents=True)
     (bundle_root / "models" / "model.pt").symlink_to(args.weights.resolve())

@@ -53,16 +53,19 @@ def build_msd_volume(dest: Path) -> Path:
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one whole process, via GNU time."""
-    with tempfile.NamedTemporaryFile(suffix=".time") as stats:
+    """(wall seconds, peak RSS MiB) of one whole process; the peak from the child's own rusage
+    (``os.wait4``), so no GNU time is needed (the lent GPU image may lack it)."""
+    with tempfile.TemporaryFile() as output:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", stats.name, *cmd], cwd=cwd,
-                              capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
         if proc.returncode != 0:
-            sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
-        peak_kib = int(Path(stats.name).read_text().split()[-1])
-    return wall, peak_kib / 1024
+            output.seek(0)
+            tail = output.read().decode(errors="replace")[-3000:]
+            sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{tail}")
+    return wall, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

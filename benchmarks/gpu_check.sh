@@ -2,7 +2,9 @@
 # One prepared run on a lent GPU machine (device tool), well under 8 minutes:
 #   the reference bundle's table (network ms per 96^3 patch: torch fp32, torch AMP,
 #   TensorRT fp32/fp16 where TensorRT is installed) and end to end per volume, bundle
-#   inference.json against spleen-seg segment --device cuda, as whole processes.
+#   inference.json against spleen-seg segment --device cuda, as whole processes; then the
+#   batch throughput in CTs per second (issue 9: target >= 2 CT/s) over 24 copies of the CT,
+#   the local batch and, where Ray is installed on the image, --ray.
 # Needs, prepared on the CPU machine (ignored by git, carried with `carry`):
 #   .whl/     monai, nibabel, pytorch-ignite, fire, termcolor wheels for the GPU image's Python (cp312)
 #   .device/  yardstick.pt and msd_ct.nii.gz (MSD-geometry CT from benchmarks/bench_inference.py)
@@ -36,3 +38,9 @@ a = np.asarray(nib.load("/tmp/bo/msd_ct/msd_ct_trans.nii.gz").dataobj) > 0
 b = np.asarray(nib.load("/tmp/so/msd_ct/spleen.nii.gz").dataobj) > 0
 print(f"mask Dice spleen-seg (cuda) vs bundle (cuda, AMP): {2 * (a & b).sum() / (a.sum() + b.sum()):.4f}")
 PY
+
+echo "== batch throughput on one GPU: 24 CTs of MSD geometry (copies of one) in one process =="
+mkdir -p /tmp/b24 && for i in $(seq -w 0 23); do ln -sf "$PWD/$V" /tmp/b24/msd_ct_$i.nii.gz; done
+ray_flag=--no-ray
+if python3 -c "import ray" 2>/dev/null; then ray_flag=; else echo "ray is not installed on this image: --ray not measured"; fi
+timeout 300 python3 benchmarks/bench_batch.py --device cuda --no-bundle --volumes /tmp/b24 --runs 2 --parts 0 $ray_flag
