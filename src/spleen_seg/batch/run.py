@@ -207,8 +207,7 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
                                     tta_axes=options.tta_axes)
             pipeline.ahead[todo[0]] = reader.submit(pipeline.start, todo[0], None, "read", options)
             pipeline.segmenter = segmenter = pending.result()
-            if options.preview:  # after the start-up work, so that it overlaps the network instead
-                writer.submit(warm_output_imports)
+            pipeline.warm_outputs = options.preview
             pipeline.model = model_record(batch.identity, weights, convention, device, segmenter.runner.backend)
             write_run_info(batch.out_dir, weights, device, segmenter.runner.backend, batch.inputs,
                            orientation_convention=convention)
@@ -235,6 +234,10 @@ class _Pipeline:
     model: dict[str, Any] = field(default_factory=dict)
     ahead: dict[int, Future] = field(default_factory=dict)
     finishing: deque[tuple[int, Future]] = field(default_factory=deque)
+    # Import the output writers' libraries once the first case is prepared, so that the imports
+    # overlap the network: started earlier, they slowed that case's read and preprocessing,
+    # which the network waits for.
+    warm_outputs: bool = False
 
     def start(self, index: int, segmenter: Segmenter | None, mode: str, options: SegmentOptions) -> CaseJob:
         """Reader thread: the case's job, its digest (resume identity), and per ``mode`` its read or preparation."""
@@ -256,6 +259,10 @@ class _Pipeline:
             mode = _ahead_mode(job, batch.inputs[following])
             self.ahead[following] = self.reader.submit(self.start, following, segmenter, mode, options)
         job.model = dict(self.model)
+        read_case(job, segmenter)  # a case not prepared ahead (the first; memory was short) is prepared now
+        if self.warm_outputs:
+            self.warm_outputs = False
+            self.writer.submit(warm_output_imports)
         network_case(job, segmenter)
         while len(self.finishing) > MAX_FINISHING - 1:
             self._record(*self.finishing.popleft())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from stub_segmenter import ThresholdSegmenter
 
+import spleen_seg.batch.run as run_module
 import spleen_seg.pipeline.memory as memory
 import spleen_seg.pipeline.segmenter as segmenter_module
 from spleen_seg.batch.case import CaseResult, SegmentOptions, start_case
@@ -93,6 +94,39 @@ def test_the_next_case_is_prepared_and_the_last_one_written_while_the_network_ru
         image = np.asarray(nib.load(str(path)).dataobj)
         written = np.asarray(nib.load(str(tmp_path / "out" / case / "spleen.nii.gz")).dataobj)
         np.testing.assert_array_equal(written, (image > fake.threshold_hu).astype(np.uint8))
+
+
+class EventSegmenter(ThresholdSegmenter):
+    """Appends ("prepared", case) and ("network", case) to ``events`` as the stages happen."""
+
+    def __init__(self, events: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.events = events
+
+    def prepare(self, array, geometry, source=""):
+        prepared = super().prepare(array, geometry, source)
+        prepared.warnings.append(Path(source).name.removesuffix(".nii.gz"))
+        self.events.append(("prepared", prepared.warnings[-1]))
+        return prepared
+
+    def compute_margin(self, prepared):
+        self.events.append(("network", prepared.warnings[-1]))
+        return super().compute_margin(prepared)
+
+
+def test_the_writers_libraries_are_imported_once_the_first_case_is_prepared(tmp_path, monkeypatch):
+    # Imported earlier, they slowed the first case's read and preprocessing, which the network waits for.
+    events: list[tuple[str, str]] = []
+    inputs = [sphere(tmp_path / f"{case}.nii.gz", 4) for case in ("a", "b")]
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"stand-in weights")
+    monkeypatch.setattr(segmenter_module, "load_segmenter", lambda *args, **kwargs: EventSegmenter(events))
+    monkeypatch.setattr(run_module, "warm_output_imports", lambda: events.append(("imports", "")))
+    results = segment_files(inputs, tmp_path / "out", weights, "cpu", progress=False, options=SegmentOptions())
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert events.count(("imports", "")) == 1
+    assert events.index(("prepared", "a")) < events.index(("imports", ""))
+    assert events.index(("prepared", "a")) < events.index(("network", "a"))
 
 
 @pytest.fixture
