@@ -222,8 +222,10 @@ def read_case(job: CaseJob, segmenter: Segmenter | None, prefetched: Future | No
 
 
 def network_case(job: CaseJob, segmenter: Segmenter) -> CaseJob:
-    """Stage 2: the network on the prepared image (``Segmenter.compute_margin``)."""
-    read_case(job, segmenter)  # a case not prepared ahead (memory was short) is prepared now
+    """Stage 2: the network on the prepared image (``Segmenter.compute_margin``); the caller
+    prepared it (:func:`read_case` with the segmenter), or an earlier stage failed."""
+    if job.prepared is None and job.error is None:
+        raise ValueError(f"{job.path}: network_case needs a prepared job: run read_case with the segmenter first")
     prepared = job.prepared  # None once a stage failed
     if prepared is not None:
         with _stage(job, "network"):
