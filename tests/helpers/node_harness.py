@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 NODE_AE = "SPLEENSEG"
-README_ORTHANC_SECTION = "### Example: Orthanc as the PACS"
+NODE_DOCS = REPO / "docs" / "node.md"
+ORTHANC_EXAMPLE_SECTION = "## Example: Orthanc as the PACS"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0
@@ -283,13 +284,13 @@ class Orthanc(Process):
 
 def orthanc_config(storage: Path, ae_title: str, dicom_port: int, http_port: int,
                    modalities: dict[str, list[Any]]) -> dict[str, Any]:
-    """The README's Orthanc configuration ("Example: Orthanc as the PACS"), with this test's folders,
-    ports and modalities: the tests prove the README's configuration works as written."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index(README_ORTHANC_SECTION):]
+    """The node guide's Orthanc configuration (docs/node.md, "Example: Orthanc as the PACS"), with this
+    test's folders, ports and modalities: the tests prove the documented configuration works as written."""
+    guide = NODE_DOCS.read_text()
+    section = guide[guide.index(ORTHANC_EXAMPLE_SECTION):]
     block = section[section.index("```json") + len("```json"):]
     config = json.loads(block[:block.index("```")])
-    assert set(config["DicomModalities"]) == {"spleenseg"}, "the README's example declares the node as 'spleenseg'"
+    assert set(config["DicomModalities"]) == {"spleenseg"}, "the documented example declares the node as 'spleenseg'"
     config.update({"StorageDirectory": str(storage), "IndexDirectory": str(storage), "DicomAet": ae_title,
                    "DicomPort": dicom_port, "HttpPort": http_port, "DicomModalities": modalities})
     return config
