@@ -23,7 +23,10 @@ from spleen_seg.io.nifti import Geometry
 REPORT_FILENAME = "report.json"
 # 2: adds "identity" (what the outputs depend on; a later run resumes by it).
 # 3: adds "quality" (the per-case quality score and review_suggested; pipeline/quality.py).
-REPORT_VERSION = 3
+# 4: adds "review" (the reviewer's decision and correction; outputs/review_state.py). A version 3
+#    report reads as one not reviewed.
+REPORT_VERSION = 4
+READABLE_REPORT_VERSIONS = (3, 4)
 
 # 26-connectivity: voxels touching by a face, edge or corner belong to one component.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
@@ -109,6 +112,8 @@ class CaseReport:
     identity: dict[str, Any] = field(default_factory=dict)
     # The quality score (pipeline.quality.QualityScore.as_dict); None when the segmenter gave none.
     quality: dict[str, Any] | None = None
+    # The review app's record (outputs.review_state.ReviewState.as_dict); None until reviewed.
+    review: dict[str, Any] | None = None
 
     @property
     def review_suggested(self) -> bool:
@@ -359,10 +364,10 @@ def write_report(report: CaseReport, dest: Path) -> Path:
 
 
 def read_report(path: Path) -> CaseReport | None:
-    """The report a :func:`write_report` of this ``REPORT_VERSION`` wrote, or None (missing, other version, invalid)."""
+    """The report a :func:`write_report` of a readable version wrote, or None (missing, other version, invalid)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.pop("report_version", None) != REPORT_VERSION:
+        if not isinstance(data, dict) or data.pop("report_version", None) not in READABLE_REPORT_VERSIONS:
             return None
         data.pop("flags", None)  # derived, not a field
         return CaseReport(**data)

@@ -231,3 +231,26 @@ def test_real_dicom_series_passes_the_check(real_ct):
     check = anatomical_check(mask, image, geometry.affine_ras)
     assert check.on_patient_left and check.posterior
     assert anatomical_check(mask, image, msd_flip(geometry.affine_ras)).probable_header_flip
+
+
+def test_a_reviewed_report_and_a_version_3_report_both_read_back(tmp_path):
+    """Resume reads report.json: a review record must not make it unreadable (the case would be
+    recomputed over the reviewer's work), and reports written before the review existed still read."""
+    from dataclasses import replace
+
+    from spleen_seg.outputs.report import read_report, write_report
+    from spleen_seg.outputs.review_state import ReviewState, review_from_dict
+
+    image, mask, affine = body_with_spleen()
+    report = build_report("c", "s", mask, image, Geometry(image.shape, affine), keep_components(mask, False))
+    reviewed = replace(report, review=ReviewState(revision=1, decision="accepted", reviewer="rr").as_dict())
+    write_report(reviewed, tmp_path / "report.json")
+    back = read_report(tmp_path / "report.json")
+    assert back == reviewed and review_from_dict(back.review).decision == "accepted"
+
+    data = json.loads(report.to_json())
+    data["report_version"] = 3
+    del data["review"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = read_report(tmp_path / "old.json")
+    assert old is not None and old.review is None and old.volume_ml == report.volume_ml
