@@ -26,13 +26,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from ci import import_or_skip
 from phantoms import save_nifti
 
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.training.evaluate import dice
 from spleen_seg.training.phantom import make_phantom
 
-pytest.importorskip("ray", reason='the Ray extra is not installed (pip install "spleen-seg[ray]")')
+import_or_skip("ray", reason='the Ray extra is not installed (pip install "spleen-seg[ray]")')
 
 CLI = [sys.executable, "-m", "spleen_seg.cli"]
 REPO = Path(__file__).resolve().parents[2]
