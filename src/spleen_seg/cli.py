@@ -119,6 +119,12 @@ def _seconds_or_days(value: str, minimum: float) -> float:
     return number
 
 
+def _stall_seconds(value: str) -> float:
+    from spleen_seg.batch.ray_cluster import MIN_STALL_SECONDS
+
+    return _seconds_or_days(value, MIN_STALL_SECONDS)
+
+
 def _non_negative_float(value: str) -> float:
     return _seconds_or_days(value, 0.0)
 
@@ -202,6 +208,9 @@ def _add_segment_parser(sub, quiet: argparse.ArgumentParser) -> None:
                           "none to start a local instance (pip install \"spleen-seg[ray]\")")
     seg.add_argument("--ray-gpus-per-actor", type=_gpu_share, default=1.0, metavar="SHARE",
                      help="GPU share of each inference actor on GPU nodes (0.5: two actors per GPU; default 1)")
+    seg.add_argument("--ray-stall-seconds", type=_stall_seconds, metavar="SECONDS",
+                     help="after this long without progress, and again at this interval, say on stderr what the Ray "
+                          "run waits for (cases per stage, their resources, the cluster's free resources); default 300")
     seg.add_argument("--tta", action="store_true",
                      help="flip test-time augmentation: average the network over the scan and its 7 mirror images "
                           "(about 8x the network's time; the quality score becomes the mirrored predictions' "
@@ -420,7 +429,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from spleen_seg.batch.ray import RaySettings
 
-        ray = RaySettings(address=None if args.ray == RAY_LOCAL else args.ray, gpus_per_actor=args.ray_gpus_per_actor)
+        stall = {} if args.ray_stall_seconds is None else {"stall_seconds": args.ray_stall_seconds}
+        ray = RaySettings(address=None if args.ray == RAY_LOCAL else args.ray, gpus_per_actor=args.ray_gpus_per_actor,
+                          **stall)
     # Under --ray each actor resolves "auto" on its own node (the driver may have no GPU).
     device = args.device if ray is not None else resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,

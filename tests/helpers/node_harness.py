@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from ci import in_ci
 from pydicom.uid import generate_uid
 from synthetic_dicom import write_series
 
@@ -70,7 +71,7 @@ def need_binaries(*names: str) -> None:
     if not missing:
         return
     message = f"not installed: {', '.join(missing)} (Debian packages dcmtk, orthanc, orthanc-dicomweb; see .ci/run)"
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(message)
     pytest.skip(message)
 

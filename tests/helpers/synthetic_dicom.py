@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from ci import in_ci
 from nibabel.orientations import io_orientation, ornt_transform
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -44,7 +45,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         message = f"{name} not installed (Debian packages: dcmtk, dcm2niix, dicom3tools, libgdcm-tools; see .ci/run)"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return path

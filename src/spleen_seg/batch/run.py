@@ -5,8 +5,8 @@ finished one with the network (:func:`_compute`), memory permitting; ``--ray`` r
 same cases on a Ray cluster instead (``batch.ray``). A batch never breaks: every case that
 fails (any ``Exception``) gets a ``failed`` row and the batch goes on. ``summary.csv`` is
 kept current (``batch.summary``). Ctrl-C discards the
-current case, writes the summary (the interrupted case as ``interrupted``) and re-raises
-``KeyboardInterrupt``. A case an earlier run finished with the same identity
+current case (under ``--ray``, the cases in flight), writes the summary (the interrupted
+cases as ``interrupted``) and re-raises ``KeyboardInterrupt``. A case an earlier run finished with the same identity
 (``batch.resume``) is skipped, and the model is not loaded when every case is.
 """
 
@@ -61,6 +61,8 @@ class _Batch:
     on_result: ResultCallback | None
     summary: LiveSummary
     current: int | None = None
+    # Ray: the cases sent to the cluster and not recorded yet (the local batch has one, ``current``).
+    in_flight: set[int] = field(default_factory=set)
     results: dict[int, CaseResult] = field(default_factory=dict)
     digests: dict[int, str | None] = field(default_factory=dict)
 
@@ -106,9 +108,10 @@ class _Batch:
                 self.on_result(result)
 
     def interrupted(self) -> None:
-        """Ctrl-C: the current case (its work folder already removed) is recorded as interrupted."""
-        index = self.current
-        if index is not None and index not in self.results:
+        """Ctrl-C: the current case, or under Ray every case in flight (their work folders already removed or
+        left to the next run), is recorded as interrupted."""
+        running = self.in_flight | ({self.current} if self.current is not None else set())
+        for index in sorted(running - set(self.results)):
             source = input_source(self.inputs[index])
             self.results[index] = CaseResult(source=source, case=self.cases[index], status="interrupted",
                                              error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
@@ -172,11 +175,12 @@ def _compute_on_ray(batch: _Batch, todo: list[int], weights: Path, device: str, 
     with BatchProgress(len(todo), progress) as bar:
         def record(index: int, result: CaseResult) -> None:
             batch.finish(index, result)
+            batch.in_flight.discard(index)
             bar.done(result)
 
         segment_on_ray(cases, batch.out_dir, weights, device, backend=backend, options=options,
                        convention=convention, identity=batch.identity, settings=ray, record=record,
-                       all_inputs=batch.inputs)
+                       all_inputs=batch.inputs, started=batch.in_flight.add)
 
 
 # At most this many cases wait for their outputs beside the one in the network (memory bound).
