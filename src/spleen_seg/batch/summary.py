@@ -17,6 +17,13 @@ by the K parts so that together they rebuild about as often as one run would. Pa
 finish at the same moment cannot lose each other's rows (see :func:`rebuild_merged`);
 ``merge_summaries`` (``spleen-seg merge-summaries OUT``) rebuilds from the part summaries
 and their journals after the array, including parts that were killed.
+
+Cells are neutralised against spreadsheet formulas the way OWASP's CSV injection guidance
+describes: a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a case
+id or path from a file name can) is written with a single quote before it and quoted
+(``"'=1+2"``); so is a cell that starts with a quote itself, so that :func:`read_summary`
+gives back every cell's original text by removing that one quote. (A summary written before
+this rule reads back without the leading quote of a cell that had one: a name like ``'x``.)
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ SUMMARY_FILENAME = "summary.csv"
 SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
                    "extent_superior_inferior_mm", "components", "quality_score", "review_suggested", "flags", "error",
                    "reused")
+# OWASP: a cell starting with one of these is (or turns into) a formula in a spreadsheet.
+FORMULA_STARTS = frozenset("=+-@\t\r")
+NEUTRALISING_QUOTE = "'"
+NEUTRALISED_STARTS = FORMULA_STARTS | {NEUTRALISING_QUOTE}
 JOURNAL_SUFFIX = ".journal.csv"
 PART_FILE = re.compile(r"^summary\.part-(?P<index>\d+)-of-(?P<count>\d+)(?P<kind>\.csv|\.journal\.csv|\.done)$")
 # Rewrites of the summary and the page may take this share of a run (RewriteSchedule).
@@ -82,12 +93,29 @@ class SummaryRow:
 
 
 def _csv_text(rows: Iterable[Iterable[str]], header: bool = True) -> str:
+    """CSV lines of ``rows``, cells neutralised against formulas (module docstring)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
         writer.writerow(SUMMARY_COLUMNS)
-    writer.writerows(rows)
+    for row in rows:
+        cells = list(row)
+        if any(cell[:1] in NEUTRALISED_STARTS for cell in cells):
+            # csv quotes only cells that need it; OWASP's rule quotes these, so the row is written by hand.
+            buffer.write(",".join(_quoted(NEUTRALISING_QUOTE + cell if cell[:1] in NEUTRALISED_STARTS else cell)
+                                  for cell in cells) + "\n")
+        else:
+            writer.writerow(cells)
     return buffer.getvalue()
+
+
+def _quoted(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"'
+
+
+def _original(cell: str) -> str:
+    """A cell as the batch recorded it: without the quote :func:`_csv_text` put before it."""
+    return cell[1:] if cell.startswith(NEUTRALISING_QUOTE) else cell
 
 
 def write_summary(rows: list[SummaryRow], dest: Path) -> Path:
@@ -103,13 +131,14 @@ def write_summary_rows(rows: Iterable[Mapping[str, str]], dest: Path) -> Path:
 
 
 def read_summary(path: Path) -> list[Row]:
-    """The rows of a summary or journal CSV; [] when it does not exist.
+    """The rows of a summary or journal CSV, each cell's original text; [] when it does not exist.
 
     A journal's last line may be cut short by a kill: a line without its newline, or without
     every column, is dropped.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bytes decoded, not read_text: its newline translation would turn a "\r" inside a cell into "\n".
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return []
     if not text.endswith("\n"):
@@ -119,7 +148,7 @@ def read_summary(path: Path) -> list[Row]:
     try:
         for row in reader:
             if None not in row and None not in row.values():
-                rows.append({name: row.get(name) or "" for name in SUMMARY_COLUMNS})
+                rows.append({name: _original(row.get(name) or "") for name in SUMMARY_COLUMNS})
     except csv.Error as err:  # a quoted field cut short: the rows before it stand
         logger.warning("%s: rows after line %d are unreadable (%s)", path, reader.line_num, err)
     return rows
