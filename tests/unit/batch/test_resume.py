@@ -20,6 +20,7 @@ from threshold_network import THRESHOLD_HU, ThresholdSegmenter, install_threshol
 
 import spleen_seg.batch.resume as resume
 from spleen_seg.batch.case import SegmentOptions
+from spleen_seg.batch.ownership import new_work_folder
 from spleen_seg.batch.resume import batch_identity, finished_report, input_sha256
 from spleen_seg.batch.run import segment_files
 from spleen_seg.io.dicom import DicomSeries
@@ -239,7 +240,7 @@ def test_work_folders_of_killed_runs_are_removed(batch, network):
     dead = [batch.out / f".a.partial-{dead_pid}", batch.out / f".b.old-{dead_pid}"]
     live = batch.out / f".c.partial-{live_pid}"
     for folder in [*dead, live]:
-        folder.mkdir()
+        new_work_folder(folder)  # as a run creates them (batch.ownership recognises them)
         (folder / "spleen.nii.gz").write_bytes(b"half written")
     run(batch)
     assert not any(folder.exists() for folder in dead) and live.is_dir()
