@@ -12,16 +12,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from file_tree import tree
-from threshold_network import THRESHOLD_HU, ThresholdSegmenter, install_threshold_network, sphere
+from threshold_network import THRESHOLD_HU, ThresholdSegmenter, run_batch, sphere
 
 from spleen_seg.batch.case import SegmentOptions, segment_one
 from spleen_seg.batch.inputs import Part
 from spleen_seg.batch.ownership import MARKER_FILENAME, new_work_folder
-from spleen_seg.batch.run import segment_files
 from spleen_seg.batch.summary import SUMMARY_COLUMNS, LiveSummary, SummaryRow, merge_summaries, read_summary
 from spleen_seg.errors import ForeignOutputError
 from spleen_seg.outputs.review_state import CORRECTED_MASK_FILENAME, ReviewState
@@ -36,22 +34,7 @@ OLDEST_SUMMARY_HEADER = ("case,source,status,volume_ml,extent_left_right_mm,exte
                          "extent_superior_inferior_mm,flags,error\n")
 
 
-@pytest.fixture
-def network(monkeypatch):
-    return install_threshold_network(monkeypatch)
-
-
-@pytest.fixture
-def batch(tmp_path):
-    inputs = [sphere(tmp_path / "in" / f"{case}.nii.gz", radius) for case, radius in zip(CASES, (4, 5, 6), strict=True)]
-    weights = tmp_path / "weights.pt"
-    weights.write_bytes(b"stand-in weights")
-    return SimpleNamespace(inputs=inputs, weights=weights, out=tmp_path / "out")
-
-
-def run(batch, **kwargs):
-    kwargs.setdefault("options", NO_PREVIEW)
-    return segment_files(batch.inputs, batch.out, batch.weights, "cpu", progress=False, **kwargs)
+run = run_batch
 
 
 def user_folder(folder: Path) -> dict[str, str]:
