@@ -250,6 +250,8 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        else:  # an earlier run's journal, this run's summary now holds its rows
+            check_file(self.path, _is_journal, "a summary journal")
         self.path.unlink(missing_ok=True)
 
 

@@ -192,6 +192,7 @@ FOREIGN_FILES = {
     "run_info.json": ('{"my": "settings"}\n', "a run_info.json"),
     "summary.journal.csv": ("my journal\n", "a summary journal"),
     "summary.part-0-of-2.csv": ("id,value\n", "a part's summary"),
+    "summary.part-1-of-2.journal.csv": ("id\n1\n", "a part's summary journal"),
     "summary.part-1-of-2.done": ('{"status": "done by me"}\n', "a part's .done mark"),
 }
 
@@ -241,3 +242,8 @@ def test_merging_and_parts_never_write_over_a_file_that_is_not_ours(tmp_path):
     with pytest.raises(ForeignOutputError, match=r"summary\.part-0-of-1\.done exists and is not a part's \.done mark"):
         live.record(0, SummaryRow(case="a", source="a.nii.gz", status="failed"))
     assert (tmp_path / "summary.part-0-of-1.done").read_text() == "my notes\n"
+    (tmp_path / "summary.part-0-of-1.done").unlink()
+    (tmp_path / "summary.journal.csv").write_text("my journal\n")
+    with pytest.raises(ForeignOutputError, match=r"summary\.journal\.csv exists and is not a summary journal"):
+        LiveSummary(tmp_path / "summary.csv", total=1).write()
+    assert (tmp_path / "summary.journal.csv").read_text() == "my journal\n"
