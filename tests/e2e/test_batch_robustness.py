@@ -1,5 +1,6 @@
 """``spleen-seg segment`` over batches that must not break (issue 7, items 3 and 4): a fuzz batch
-of corrupted NIfTI and DICOM inputs, a batch killed with SIGKILL and run again, Ctrl-C."""
+of corrupted NIfTI and DICOM inputs, a batch killed with SIGKILL and run again, Ctrl-C; and
+(issue 15) output folders that hold someone else's files, file names that are TeX or formulas."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from corrupt_inputs import corrupt_dicom_folders, corrupt_nifti_files
+from file_tree import tree
+from matplotlib import image as mpimg
 from phantoms import save_nifti, small_phantom
 
+from spleen_seg.batch.summary import read_summary
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.training.evaluate import dice
 
@@ -35,6 +39,8 @@ WAIT_S = 180
 POLL_S = 0.05
 # Skipping every case reads reports and hashes inputs; it must cost far less than computing.
 MAX_SKIP_ALL_FRACTION = 0.5
+# preview.png: 13.5 x 5 inches at 100 dpi, RGBA.
+PREVIEW_SHAPE = (500, 1350, 4)
 ERROR_LINE = re.compile(r"^error: (?P<source>.+?): (?P<what>.+) \((?P<type>\w+)\)$")
 
 
@@ -226,3 +232,73 @@ def test_ctrl_c_exits_130_with_the_summary_of_what_finished(batch_inputs, tmp_pa
     interrupted = [row for row in rows if row["status"] == "interrupted"]
     assert [row["case"] for row in rows] == done + [row["case"] for row in interrupted] and len(interrupted) <= 1
     assert all(row["case"] not in finished for row in interrupted)
+
+
+# ----------------------------------------------------------------------------- folders that are not ours
+
+
+NOT_OURS = "exists and was not written by spleen-seg; it is left as it is: move it away, or choose another output folder (-o)"
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_manifest_into_its_own_data_folder_leaves_the_data_byte_for_byte(tmp_path, tail):
+    """-o is the data folder and the case ids are the patients' folders: nothing of theirs is replaced or removed."""
+    data = tmp_path / "data"
+    case = small_phantom(1, "RAS")
+    save_nifti(case.image_hu.astype(np.int16), case.affine, data / "p1" / "ct.nii.gz")
+    (data / "p1" / "notes.txt").write_text("the patient's notes\n")
+    save_nifti(case.spleen_mask.astype(np.uint8), case.affine, data / "p2" / "labels.nii.gz")
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,case_id\np1/ct.nii.gz,p1\np2/missing.nii.gz,p2\n")
+    before = tree(data)
+    proc, _ = run([*CLI, "segment", "--manifest", str(manifest), "-o", str(data), "--weights",
+                   str(demo_weights_path()), "-q"])
+    assert proc.returncode == EXIT_FAILED, tail(proc)
+    assert error_lines(proc) == [
+        f"error: {data / 'p1' / 'ct.nii.gz'}: output folder {data / 'p1'} {NOT_OURS} (ForeignOutputError)",
+        f"error: {data / 'p2' / 'missing.nii.gz'}: output folder {data / 'p2'} {NOT_OURS} (ForeignOutputError)"]
+    after = tree(data)
+    assert {name: after.get(name) for name in before} == before  # every file and folder as it was
+    assert sorted(set(after) - set(before)) == ["index.html", "summary.csv"]
+    assert [(row["case"], row["status"]) for row in summary(data)] == [("p1", "failed"), ("p2", "failed")]
+
+
+def test_segment_beside_someone_elses_folder_of_the_case_name(tmp_path, tail):
+    case = small_phantom(1, "RAS")
+    scan = save_nifti(case.image_hu.astype(np.int16), case.affine, tmp_path / "x.nii.gz")
+    (tmp_path / "dir" / "x").mkdir(parents=True)
+    (tmp_path / "dir" / "x" / "thesis.tex").write_text("\\chapter{one}\n")
+    before = tree(tmp_path / "dir" / "x")
+    for extra in ([], ["--overwrite"]):
+        proc, _ = run([*segment_args([scan], tmp_path / "dir"), *extra])
+        assert proc.returncode == EXIT_FAILED, tail(proc)
+        assert error_lines(proc) == [f"error: {scan}: output folder {tmp_path / 'dir' / 'x'} {NOT_OURS} "
+                                     "(ForeignOutputError)"]
+        assert tree(tmp_path / "dir" / "x") == before
+
+
+def test_file_names_that_are_tex_or_formulas_segment_and_read_back(tmp_path, tail):
+    """A "$" name once failed its preview (mathtext); "=1+2" must not become a formula in summary.csv."""
+    case = small_phantom(1, "RAS")
+    names = ["scan$\\foo$", "=1+2"]
+    for name in names:
+        save_nifti(case.image_hu.astype(np.int16), case.affine, tmp_path / f"{name}.nii.gz")
+    args = [*CLI, "segment", *(f"{name}.nii.gz" for name in names), "-o", "out", "--weights",
+            str(demo_weights_path()), "-q"]
+    first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
+    assert first.returncode == 0, tail(first)
+    out = tmp_path / "out"
+    for name in names:
+        assert mpimg.imread(out / name / "preview.png").shape == PREVIEW_SHAPE, name
+    raw = list(csv.reader((out / "summary.csv").open(newline="")))[1:]
+    assert [row[:3] for row in raw] == [["scan$\\foo$", "scan$\\foo$.nii.gz", "ok"], ["'=1+2", "'=1+2.nii.gz", "ok"]]
+    assert "\n\"'=1+2\",\"'=1+2.nii.gz\",\"ok\"," in (out / "summary.csv").read_text()
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
+    assert again.returncode == 0, tail(again)
+    assert again.stdout.splitlines() == [f"skipped, already done: {name}" for name in names]
+    rows = read_summary(out / "summary.csv")
+    assert [(row["case"], row["source"], row["status"], row["reused"]) for row in rows] == [
+        (name, f"{name}.nii.gz", "ok", "yes") for name in names]

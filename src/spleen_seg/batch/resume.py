@@ -78,7 +78,7 @@ def case_identity(base: dict[str, Any], digest: str | None) -> dict[str, Any]:
     return {INPUT_DIGEST_KEY: digest, **base}
 
 
-def _complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
+def complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
     """The case's report when its folder holds it and every output it lists, else (None, why)."""
     from spleen_seg.outputs.report import REPORT_FILENAME, read_report
 
@@ -109,7 +109,7 @@ def finished_report(case_dir: Path, base: dict[str, Any],
     ``base`` is :func:`batch_identity`; ``digest`` computes the input's digest, called
     only when everything else matches (hashing a large input is the one costly step).
     """
-    report, why = _complete_report(case_dir)
+    report, why = complete_report(case_dir)
     if report is None:
         return None, why
     why = _difference(report.identity, base)

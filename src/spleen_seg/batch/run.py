@@ -7,14 +7,16 @@ fails (any ``Exception``) gets a ``failed`` row and the batch goes on. ``summary
 kept current (``batch.summary``). Ctrl-C discards the
 current case (under ``--ray``, the cases in flight), writes the summary (the interrupted
 cases as ``interrupted``) and re-raises ``KeyboardInterrupt``. A case an earlier run finished with the same identity
-(``batch.resume``) is skipped, and the model is not loaded when every case is.
+(``batch.resume``) is skipped, and the model is not loaded when every case is. Only what
+spleen-seg wrote is replaced or removed (``batch.ownership``): a case whose folder is someone
+else's, or holds a review, fails without being computed, and a run-level file that is not
+ours refuses the run before anything is written.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from spleen_seg.batch.case import (
     CaseJob,
     CaseResult,
     SegmentOptions,
+    check_run_info,
+    describe_failure,
     finish_case,
     model_record,
     network_case,
@@ -37,9 +41,11 @@ from spleen_seg.batch.case import (
     write_run_info,
 )
 from spleen_seg.batch.inputs import InputItem, Part, input_header_geometry, input_source, unique_case_ids
+from spleen_seg.batch.ownership import folder_problem, remove_folder
 from spleen_seg.batch.progress import BatchProgress, Stopwatch, totals_line
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
-from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
+from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow, check_summary_files
+from spleen_seg.errors import ForeignOutputError
 
 if TYPE_CHECKING:
     from spleen_seg.batch.ray import RaySettings
@@ -78,6 +84,13 @@ class _Batch:
             report, why = (None, "--overwrite") if overwrite else finished_report(
                 self.out_dir / case, self.identity, functools.partial(self.digest, index))
             if report is None:
+                problem = folder_problem(self.out_dir / case)
+                if problem is not None:  # not ours, or a review: fails now, without computing
+                    source = input_source(self.inputs[index])
+                    self.finish(index, CaseResult(source=source, case=case, status="failed",
+                                                  error=describe_failure(source, ForeignOutputError(problem))),
+                                write=False)
+                    continue
                 if (self.out_dir / case).exists():
                     logger.info("recomputing %s: %s", case, why)
                 todo.append(index)
@@ -95,9 +108,11 @@ class _Batch:
         self.results[index] = result
         if result.status == "failed":
             # An earlier run's folder for this case no longer describes it (other input,
-            # options or version): after a run the case folders are exactly the rows
-            # that are ok or not_found.
-            shutil.rmtree(self.out_dir / self.cases[index], ignore_errors=True)
+            # options or version): after a run the case folders are exactly the rows that
+            # are ok or not_found, and the folders that are not spleen-seg's to remove.
+            kept = remove_folder(self.out_dir / self.cases[index])
+            if kept is not None:
+                logger.debug("kept %s: %s", self.out_dir / self.cases[index], kept)
         self.summary.record(index, SummaryRow(case=result.case, source=str(result.source), status=result.status,
                                               report=result.report, error=result.error or "",
                                               reused=result.reused), write=write)
@@ -133,13 +148,16 @@ def segment_files(
 
     Cases an earlier run finished with the same input, weights, options and version are
     skipped (``CaseResult.reused``) unless ``overwrite``. Failures do not stop the batch.
-    ``on_result`` is called with each case's result as soon as it is known (skipped cases
-    first). Weights trained under the MSD orientation convention see their inputs mirrored
-    left-right and front-back (``Segmenter.mirror_xy``). ``cases``: the inputs' case ids
+    ``on_result`` is called with each case's result as soon as it is known (skipped cases,
+    and cases refused because their folder is not spleen-seg's to replace, first). Weights
+    trained under the MSD orientation convention see their inputs mirrored left-right and
+    front-back (``Segmenter.mirror_xy``). ``cases``: the inputs' case ids
     (default ``unique_case_ids``); ``part``: this run is that part of a job array
     (``batch.summary`` merges the parts' summaries); ``ray``: compute on a Ray cluster
     (``batch.ray``) instead of this process. Returns the results in input order; Ctrl-C
-    writes the summary and re-raises ``KeyboardInterrupt``.
+    writes the summary and re-raises ``KeyboardInterrupt``. Raises ``ForeignOutputError``
+    before anything is written when ``out_dir`` holds a summary, page or ``run_info.json``
+    that spleen-seg did not write; a case folder of that kind fails its case alone.
     """
     from spleen_seg.io.download import file_sha256
     from spleen_seg.pipeline.network import weights_orientation_convention
@@ -147,6 +165,9 @@ def segment_files(
     options = options or SegmentOptions()
     convention = weights_orientation_convention(weights, options.weights_convention)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A summary, page or run_info.json that is not ours refuses the run before anything is written.
+    check_summary_files(out_dir)
+    check_run_info(out_dir)
     for stale in remove_stale_work_dirs(out_dir):
         logger.info("removed %s, left by a run that was killed", stale)
     batch = _Batch(inputs=inputs, cases=unique_case_ids(inputs) if cases is None else cases, out_dir=out_dir,
