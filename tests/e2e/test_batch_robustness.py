@@ -302,3 +302,67 @@ def test_file_names_that_are_tex_or_formulas_segment_and_read_back(tmp_path, tai
     rows = read_summary(out / "summary.csv")
     assert [(row["case"], row["source"], row["status"], row["reused"]) for row in rows] == [
         (name, f"{name}.nii.gz", "ok", "yes") for name in names]
+# ----------------------------------------------------------------------------- decompression bombs
+
+# 40 Deflated CT slices of 8192 x 8192 zeros: 5 MB on disk, 5.4 GB inflated, ~15 GB to segment.
+BOMB_FILES = 40
+# The memory the case may use, whatever this machine has free: the refusal must not depend on it.
+BOMB_MEMORY_LIMIT = "4G"
+MIB = 1 << 20
+BOMB_MAX_RSS = 400 * MIB  # refused from headers: the process's own baseline, about 220 MiB here
+BOMB_KILL_ABOVE = 1536 * MIB  # before the fix the run grows ~700 MiB a file: stopped here instead
+BOMB_ERROR = re.compile(r"series \S+ in (?P<folder>\S+): needs ~[\d.]+ GB of memory \(its 8192x8192x40 voxels, "
+                        r"\d+x\d+x40 after resampling, peak at \w+\), [\d.]+ GB free: free memory or run it on a larger "
+                        r"machine \(ResourceError\)$")
+
+
+def run_bombs(inputs: list[Path], out: Path):
+    """The batch with the memory limit, measured; the CPU backend's model exported first (once per
+    session), so that the peak is the batch's, not the one-off export's (about 780 MiB)."""
+    from child_rss import run_measured
+    from node_harness import warm_model_cache
+
+    warm_model_cache()
+    return run_measured(segment_args(inputs, out), cwd=REPO, kill_above_bytes=BOMB_KILL_ABOVE, timeout_s=WAIT_S,
+                        env={**os.environ, "SPLEEN_SEG_MEMORY_LIMIT": BOMB_MEMORY_LIMIT})
+
+
+def test_a_deflated_bomb_series_is_refused_before_it_inflates(tmp_path):
+    """Discovery reads each header without inflating its pixels, and the series is refused from
+    its headers' estimate; the peak RSS of the whole run is measured (os.wait4)."""
+    from synthetic_dicom import write_deflated_bomb_series
+
+    paths = write_deflated_bomb_series(tmp_path / "bombs", BOMB_FILES)
+    assert sum(p.stat().st_size for p in paths) < 6_000_000
+    out = tmp_path / "out"
+    run = run_bombs([tmp_path / "bombs"], out)
+    assert not run.killed, f"killed at {run.peak_rss_bytes / MIB:.0f} MiB: the bombs were inflated"
+    assert run.returncode == EXIT_FAILED, run.stderr[-3000:]
+    assert run.peak_rss_bytes < BOMB_MAX_RSS, f"peak RSS {run.peak_rss_bytes / MIB:.0f} MiB"
+    assert "Traceback" not in run.stderr
+    (row,) = summary(out)
+    assert row["status"] == "failed" and BOMB_ERROR.search(row["error"]), row
+    assert case_folders(out) == [] and work_folders(out) == []
+    print(f"\n{BOMB_FILES} bomb files: exit {run.returncode}, {run.seconds:.1f} s, peak RSS "
+          f"{run.peak_rss_bytes / MIB:.0f} MiB")
+
+
+def test_a_bomb_series_fails_alone_beside_a_good_nifti(phantom, write_nifti, tmp_path):
+    from synthetic_dicom import write_deflated_bomb_series
+
+    good_case = phantom(1, "RAS")
+    good = write_nifti(good_case.image_hu.astype(np.int16), good_case.affine, tmp_path / "good.nii.gz")
+    write_deflated_bomb_series(tmp_path / "bombs", BOMB_FILES)
+    out = tmp_path / "out"
+    run = run_bombs([tmp_path / "bombs", good], out)
+    assert not run.killed, f"killed at {run.peak_rss_bytes / MIB:.0f} MiB: the bombs were inflated"
+    assert run.returncode == EXIT_FAILED, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    by_source = {row["source"]: row for row in summary(out)}
+    assert by_source[str(good)]["status"] == "ok"
+    assert dice(mask(out, by_source[str(good)]["case"]), good_case.spleen_mask) >= MIN_DICE
+    bomb_row = by_source[str(tmp_path / "bombs")]
+    assert bomb_row["status"] == "failed" and BOMB_ERROR.search(bomb_row["error"]), bomb_row
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bomb_row['error']}"]
+    assert case_folders(out) == [by_source[str(good)]["case"]]

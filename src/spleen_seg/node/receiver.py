@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, generate_uid
+from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian, EnhancedCTImageStorage, generate_uid
 
 from spleen_seg.errors import NodeError
 from spleen_seg.node.bookkeeper import log_event
@@ -45,6 +45,9 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 # Below this much free space in the spool, instances are refused (out of resources) rather
 # than filling the disk the job table and results also need.
 MIN_FREE_BYTES = 512 * 1024**2
+# The most pixel data a received Deflated instance may declare: an enhanced CT of 2,000
+# frames of 512 x 512 16-bit pixels is 1 GiB.
+MAX_DEFLATED_PIXEL_BYTES = 2 << 30
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -89,6 +92,24 @@ def instance_record(ds: Dataset, sop_instance_uid: str, sop_class_uid: str, tran
         transfer_syntax=transfer_syntax,
         calling_ae=calling_ae,
     )
+
+
+def received_dataset(event: Any) -> Dataset:
+    """The C-STORE request's data set, decoded; a Deflated one's header only, once its stream checked.
+
+    pynetdicom inflates a Deflated data set whole to decode it: a 128 KiB instance of
+    8192 x 8192 zero pixels cost 256 MiB. Here the header is read by the bounded reader,
+    the declared pixel data must stay within ``MAX_DEFLATED_PIXEL_BYTES`` and what the
+    compressed bytes can hold, and the rest is inflated only to check it, counted and
+    dropped (``io.dicom_files.check_deflated``). Raises what the decoder raises.
+    """
+    if event.context.transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return event.dataset
+    from spleen_seg.io.dicom_files import check_deflated
+
+    stream = event.request.DataSet
+    stream.seek(0)
+    return check_deflated(stream, "the received data set", max_pixel_bytes=MAX_DEFLATED_PIXEL_BYTES)
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -243,7 +264,7 @@ class Receiver:
         sop_class = str(request.AffectedSOPClassUID or "").strip()
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            ds = event.dataset
+            ds = received_dataset(event)
             record = instance_record(ds, sop_uid, sop_class, str(event.context.transfer_syntax), calling)
         # A peer's bytes can break the decoder in many ways pydicom does not type; whatever
         # it is, the answer is a failure status (the sender keeps the instance) and a log line.

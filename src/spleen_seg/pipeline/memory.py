@@ -26,6 +26,7 @@ is released before the inversion, and the mask is written into its final array.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from spleen_seg.config import RECIPE, Recipe
-from spleen_seg.errors import ResourceError, format_bytes
+from spleen_seg.errors import ConfigError, ResourceError, format_bytes
 from spleen_seg.io.nifti import READ_SLAB_BYTES
 from spleen_seg.pipeline.resample import RESAMPLE_CHUNK_BYTES, Reorientation, pass_order, spacing_grid
 
@@ -50,6 +51,11 @@ HEADROOM_BYTES = 256 << 20
 # cgroup v1 reports "no limit" as a number near 2**63.
 CGROUP_NO_LIMIT = 1 << 60
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A limit on this process's memory where no cgroup sets one (a shared machine, a scheduler
+# that does not enforce its memory request): bytes, or with a binary suffix K, M, G or T.
+MEMORY_LIMIT_ENV = "SPLEEN_SEG_MEMORY_LIMIT"
+MEMORY_LIMIT_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MEMORY_LIMIT_FORMAT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -175,14 +181,35 @@ def _cgroup_free_bytes() -> int | None:
     return None
 
 
+def memory_limit_bytes() -> int | None:
+    """The limit ``SPLEEN_SEG_MEMORY_LIMIT`` sets on this process's memory (bytes), None when unset.
+
+    Raises ``ConfigError`` for a value that is not a size such as ``8G``, ``512M`` or ``1000000``.
+    """
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    found = MEMORY_LIMIT_FORMAT.match(text)
+    if found is None:
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a memory size in bytes, or with a suffix K, M, G "
+                          "or T (binary units), such as 8G or 512M")
+    return int(float(found.group(1)) * MEMORY_LIMIT_UNITS[found.group(2).upper()])
+
+
 def available_bytes() -> int:
     """Memory this process can still allocate: the machine's available memory (psutil),
-    or less where a cgroup limit (a container's) leaves less."""
+    or less where a cgroup limit (a container's) or ``SPLEEN_SEG_MEMORY_LIMIT`` (less this
+    process's resident memory) leaves less. Every memory guard reads free memory here."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
     limited = _cgroup_free_bytes()
-    return free if limited is None else min(free, limited)
+    if limited is not None:
+        free = min(free, limited)
+    limit = memory_limit_bytes()
+    if limit is not None:
+        free = min(free, max(limit - int(psutil.Process().memory_info().rss), 0))
+    return free
 
 
 def require_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float] | np.ndarray, source: str | Path,
