@@ -65,11 +65,18 @@ def purge_expired(table: JobTable, spool: Spool, keep_days: float, now: float) -
     the status keeps the history and a resent series is still recognised. Returns the
     series keys purged.
     """
-    expired = table.expired_series(now - keep_days * SECONDS_PER_DAY)
-    for series_key, job_ids in expired.items():
-        spool.purge_series(series_key, job_ids)
-        table.mark_purged(series_key)
-    return list(expired)
+    cutoff = now - keep_days * SECONDS_PER_DAY
+    purged = []
+    for series_key in table.expired_series(cutoff):
+        # The choice is checked again, and the files moved away, in one transaction with the
+        # receiver (see JobTable.purge_if_expired): an instance acknowledged since is never deleted.
+        done = table.purge_if_expired(series_key, cutoff, spool.retire_series)
+        if done is None:
+            continue
+        job_ids, retired = done
+        spool.delete_retired(retired, job_ids)
+        purged.append(series_key)
+    return purged
 
 
 # --- status ---------------------------------------------------------------------------------
