@@ -135,6 +135,12 @@ def _quiet_seconds(value: str) -> float:
     return _seconds_or_days(value, MIN_QUIET_SECONDS)
 
 
+def _idle_seconds(value: str) -> float:
+    from spleen_seg.node.settings import MIN_IDLE_TIMEOUT_SECONDS
+
+    return _seconds_or_days(value, MIN_IDLE_TIMEOUT_SECONDS)
+
+
 def _node_value(parse):
     """An argparse ``type=`` from a ``node.settings`` parser (its NodeError becomes a flag error)."""
     def convert(value: str):
@@ -322,7 +328,8 @@ def _add_serve_parser(sub, quiet: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=_node_value(node.parse_port), default=node.DEFAULT_PORT,
                        help=f"DICOM port (default {node.DEFAULT_PORT})")
     serve.add_argument("--allowed-callers", type=_node_value(node.parse_ae_list), default=(), metavar="AE1,AE2",
-                       help="accept associations only from these calling AE titles (default: any)")
+                       help="accept associations only from these calling AE titles (default: any); a peer "
+                            "chooses its title, so this routes, it does not authenticate (see --allowed-hosts, --tls-ca)")
     serve.add_argument("--max-associations", type=_positive_int, default=node.DEFAULT_MAX_ASSOCIATIONS,
                        help=f"simultaneous incoming associations (default {node.DEFAULT_MAX_ASSOCIATIONS})")
     serve.add_argument("--quiet-seconds", type=_quiet_seconds, default=node.DEFAULT_QUIET_SECONDS,
@@ -340,10 +347,36 @@ def _add_serve_parser(sub, quiet: argparse.ArgumentParser) -> None:
                             f"(default {node.DEFAULT_KEEP_DAYS:g}; 0: at once)")
     serve.add_argument("--tls-cert", type=_existing_file, help="PEM certificate: accept DICOM over TLS only")
     serve.add_argument("--tls-key", type=_existing_file, help="PEM private key of --tls-cert")
-    serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed")
+    serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed "
+                       "(the way to authenticate peers: AE titles are not checked credentials)")
+    _add_serve_limit_flags(serve)
     serve.add_argument("--weights", type=_existing_file,
                        help="state dict or TorchScript; default: the cached official weights")
     _add_runtime_flags(serve)
+
+
+def _add_serve_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """What a peer may cost the node (docs/node.md, "What authenticates a peer, and the limits")."""
+    from spleen_seg.node import settings as node
+
+    serve.add_argument("--allowed-hosts", type=_node_value(node.parse_host_list), default=(), metavar="ADDR,NET",
+                       help="accept TCP connections only from these addresses or networks, e.g. 10.1.2.3,192.168.0.0/24 "
+                            "(checked at accept, before any DICOM byte is read; default: any)")
+    serve.add_argument("--max-connections", type=_positive_int,
+                       help=f"simultaneous TCP connections, associated or not (default {node.CONNECTIONS_PER_ASSOCIATION} "
+                            "x --max-associations); more are closed at accept")
+    serve.add_argument("--idle-timeout", type=_idle_seconds, default=node.DEFAULT_IDLE_TIMEOUT_SECONDS, metavar="S",
+                       help="close a connection silent for this long; the TLS handshake, then the association request, "
+                            f"must each be complete within this long (default {node.DEFAULT_IDLE_TIMEOUT_SECONDS:g})")
+    serve.add_argument("--max-instance-size", type=_node_value(node.parse_size), default=node.DEFAULT_MAX_INSTANCE_BYTES,
+                       metavar="SIZE", help="drop a peer sending a larger dataset (held in memory while it arrives; "
+                                            f"default {node.format_size(node.DEFAULT_MAX_INSTANCE_BYTES)})")
+    serve.add_argument("--spool-quota", type=_node_value(node.parse_size), default=node.DEFAULT_SPOOL_QUOTA_BYTES,
+                       metavar="SIZE", help="received instances the spool holds at most; beyond, C-STOREs are answered "
+                                            f"Out of Resources (default {node.format_size(node.DEFAULT_SPOOL_QUOTA_BYTES)})")
+    serve.add_argument("--max-series-instances", type=_positive_int, default=node.DEFAULT_MAX_SERIES_INSTANCES,
+                       metavar="N", help="instances one series may hold in the spool; beyond, Out of Resources "
+                                         f"(default {node.DEFAULT_MAX_SERIES_INSTANCES})")
 
 
 def _add_status_parser(sub, quiet: argparse.ArgumentParser) -> None:
@@ -603,11 +636,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(print_status(args.spool, as_json=args.json, limit=args.limit))
         return 0
     from spleen_seg.node.service import serve
-    from spleen_seg.node.settings import NodeSettings, check_tls
+    from spleen_seg.node.settings import NodeSettings, check_connection_limit, check_tls
 
     settings = NodeSettings(
         spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
         allowed_callers=tuple(args.allowed_callers), max_associations=args.max_associations,
+        allowed_hosts=tuple(args.allowed_hosts),
+        max_connections=check_connection_limit(args.max_connections, args.max_associations),
+        idle_timeout_seconds=args.idle_timeout, max_instance_bytes=args.max_instance_size,
+        spool_quota_bytes=args.spool_quota, max_series_instances=args.max_series_instances,
         quiet_seconds=args.quiet_seconds, destinations=tuple(args.destinations), stow_url=args.stow_url,
         send_report=args.send_report, keep_days=args.keep_days, tls=check_tls(args.tls_cert, args.tls_key, args.tls_ca),
         weights=args.weights, weights_convention=args.weights_convention, device=args.device, backend=args.backend,
