@@ -49,9 +49,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 # Below this much free space in the spool, instances are refused (out of resources) rather
 # than filling the disk the job table and results also need.
 MIN_FREE_BYTES = 512 * 1024**2
-# The most pixel data a received Deflated instance may declare: an enhanced CT of 2,000
-# frames of 512 x 512 16-bit pixels is 1 GiB.
-MAX_DEFLATED_PIXEL_BYTES = 2 << 30
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -98,12 +95,13 @@ def instance_record(ds: Dataset, sop_instance_uid: str, sop_class_uid: str, tran
     )
 
 
-def received_dataset(event: Any) -> Dataset:
+def received_dataset(event: Any, max_pixel_bytes: int) -> Dataset:
     """The C-STORE request's data set, decoded; a Deflated one's header only, once its stream checked.
 
     pynetdicom inflates a Deflated data set whole to decode it: a 128 KiB instance of
     8192 x 8192 zero pixels cost 256 MiB. Here the header is read by the bounded reader,
-    the declared pixel data must stay within ``MAX_DEFLATED_PIXEL_BYTES`` and what the
+    the declared pixel data must stay within ``max_pixel_bytes`` (the node's
+    ``--max-instance-size``, the bound every other instance meets on the wire) and what the
     compressed bytes can hold, and the rest is inflated only to check it, counted and
     dropped (``io.dicom_files.check_deflated``). Raises what the decoder raises.
     """
@@ -113,7 +111,7 @@ def received_dataset(event: Any) -> Dataset:
 
     stream = event.request.DataSet
     stream.seek(0)
-    return check_deflated(stream, "the received data set", max_pixel_bytes=MAX_DEFLATED_PIXEL_BYTES)
+    return check_deflated(stream, "the received data set", max_pixel_bytes=max_pixel_bytes)
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -279,7 +277,7 @@ class Receiver:
         sop_class = str(request.AffectedSOPClassUID or "").strip()
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            ds = received_dataset(event)
+            ds = received_dataset(event, self.settings.max_instance_bytes)
             record = instance_record(ds, sop_uid, sop_class, str(event.context.transfer_syntax), calling)
         # A peer's bytes can break the decoder in many ways pydicom does not type; whatever
         # it is, the answer is a failure status (the sender keeps the instance) and a log line.

@@ -33,10 +33,12 @@ TRACED_MAX = 16 * MB
 
 
 @pytest.fixture
-def node(tmp_path):
+def node(tmp_path, request):
+    """A receiver; ``@pytest.mark.parametrize("node", [max_instance_bytes], indirect=True)`` sets its limit."""
     spool = Spool(tmp_path / "spool").create()
     table = JobTable(spool.db_path)
-    receiver = Receiver(NodeSettings(spool=spool.root, host="127.0.0.1", port=0), spool, table)
+    limits = {"max_instance_bytes": request.param} if hasattr(request, "param") else {}
+    receiver = Receiver(NodeSettings(spool=spool.root, host="127.0.0.1", port=0, **limits), spool, table)
     receiver.start()
     yield receiver, table
     receiver.stop()
@@ -81,9 +83,10 @@ def test_a_deflated_bomb_within_the_limit_is_stored_without_being_inflated(node,
     assert stored.stat().st_size < 2 * bomb.stat().st_size
 
 
+@pytest.mark.parametrize("node", [64 * MB], indirect=True)
 def test_a_deflated_instance_declaring_more_than_the_limit_is_refused_and_logged(node, tmp_path, monkeypatch, caplog):
+    """--max-instance-size bounds what a Deflated instance declares, as it bounds every instance's bytes."""
     receiver, table = node
-    monkeypatch.setattr(receiver_module, "MAX_DEFLATED_PIXEL_BYTES", 64 * MB)
     (bomb,) = write_deflated_bomb_series(tmp_path / "bomb", 1)
     with caplog.at_level(logging.WARNING, logger=receiver_module.__name__):
         status, traced = traced_send(receiver.port, bomb, monkeypatch)
