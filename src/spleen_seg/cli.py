@@ -95,6 +95,15 @@ def _tta_axes(value: str) -> str:
     return axes
 
 
+def _tta_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SegmentOptions' TTA fields: --tta-axes as named, --tta alone all three (checked against the weights)."""
+    from spleen_seg.pipeline.tta import TTA_AXES
+
+    if args.tta_axes:
+        return {"tta_axes": args.tta_axes, "tta_axes_explicit": True}
+    return {"tta_axes": TTA_AXES if args.tta else "", "tta_axes_explicit": False}
+
+
 def _override(value: str) -> tuple[str, Any]:
     """``key=value`` with a JSON/Python-literal value, as ``monai.bundle run --key value``."""
     import ast
@@ -220,10 +229,12 @@ def _add_segment_parser(sub, quiet: argparse.ArgumentParser) -> None:
     seg.add_argument("--tta", action="store_true",
                      help="flip test-time augmentation: average the network over the scan and its 7 mirror images "
                           "(about 8x the network's time; the quality score becomes the mirrored predictions' "
-                          "disagreement). Only for weights trained with mirroring: the bundle's recipe is not, and "
-                          "left-right mirroring breaks its masks (benchmarks/README.md)")
+                          "disagreement). Only for weights trained with mirroring (\"trained_with_flips\": true in "
+                          "<weights>.json): refused for others, the official weights and the bundle's recipe among "
+                          "them, whose masks left-right mirroring breaks")
     seg.add_argument("--tta-axes", type=_tta_axes, metavar="AXES",
-                     help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies --tta")
+                     help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies "
+                          "--tta; on axes the weights' record does not declare safe it runs with a warning")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute every case (default: skip cases an earlier run finished with the same input, "
                           "weights, options and spleen-seg version)")
@@ -469,7 +480,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     device = args.device if ray is not None else resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
-                             precision=args.precision, tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+                             precision=args.precision, **_tta_options(args))
     terminated = _interrupt_on_sigterm()
     try:
         if part is None:
@@ -523,7 +534,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     weights = default_segment_weights(args.weights)
     device = resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, weights_convention=args.weights_convention,
-                             tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+                             **_tta_options(args))
     result = compare_followup(args.prior, args.current, args.output, weights, device, backend=args.backend,
                               progress=not args.quiet, options=options, force=args.force, overwrite=args.overwrite,
                               growth_threshold_percent=args.growth_threshold_percent)

@@ -69,6 +69,9 @@ class SegmentOptions:
     weights_convention: str | None = None
     # Flip TTA over these axes of the RAS grid ("xyz", "xy"...; "" = none): pipeline/tta.py.
     tta_axes: str = ""
+    # False when ``tta_axes`` is only --tta's default (all three): refused on weights not
+    # trained with flips, where named axes run with a warning (tta.check_tta_axes).
+    tta_axes_explicit: bool = True
 
 
 @dataclass

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 INPUT_DIGEST_KEY = "input_sha256"
 # SegmentOptions fields that choose how the result is computed, not what it is: the
-# convention flag is recorded resolved (``orientation_convention``), precision as above.
-RUNTIME_OPTIONS = frozenset({"precision", "weights_convention"})
+# convention flag is recorded resolved (``orientation_convention``), precision as above;
+# how the TTA axes were asked for (``tta_axes`` are recorded).
+RUNTIME_OPTIONS = frozenset({"precision", "weights_convention", "tta_axes_explicit"})
 
 
 def input_sha256(item: InputItem) -> str | None:

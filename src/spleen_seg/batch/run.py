@@ -161,9 +161,13 @@ def segment_files(
     """
     from spleen_seg.io.download import file_sha256
     from spleen_seg.pipeline.network import weights_orientation_convention
+    from spleen_seg.pipeline.tta import check_tta_axes
 
     options = options or SegmentOptions()
     convention = weights_orientation_convention(weights, options.weights_convention)
+    # Refused TTA fails here, before the output folder, a Ray cluster or a model; the
+    # segmenter checks again where it loads (and records the warning in each report).
+    check_tta_axes(weights, options.tta_axes, explicit=options.tta_axes_explicit)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A summary, page or run_info.json that is not ours refuses the run before anything is written.
     check_summary_files(out_dir)
@@ -229,7 +233,7 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
         try:
             pending = reader.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
                                     progress=progress, all_windows=options.all_windows, precision=options.precision,
-                                    tta_axes=options.tta_axes)
+                                    tta_axes=options.tta_axes, tta_axes_explicit=options.tta_axes_explicit)
             pipeline.ahead[todo[0]] = reader.submit(pipeline.start, todo[0], None, "read", options)
             pipeline.segmenter = segmenter = pending.result()
             pipeline.warm_outputs = options.preview

@@ -10,8 +10,9 @@ from its read to the outputs, so every stage holds V and adds:
 * resample: at the worst 1D pass (``resample.pass_order``), its input (the previous
   pass's output), its output and the two gathered neighbour arrays of one chunk;
 * windows: the windowed image (4G), its zero-padded copy where an axis is shorter than
-  the window, the window sum (4Gp), the counts and the survey's candidate masks (1Gp
-  each, three at once) and the window batches (in, out and copies);
+  the window, the window sum (4Gp), the counts and the focus's three masks (voxels a
+  window called spleen, the region, its growth: 1Gp each) and the window batches (in,
+  out and copies);
 * inversion: the margin (4Gp), its sign (1Gp), its tanh in the spleen's box (two 4-byte
   arrays), the mask (N bytes) and one slab of interpolated values;
 * outputs: the mask, the components' labels and a bool copy in the spleen's box, and
@@ -43,6 +44,8 @@ FLOAT32_BYTES = 4
 # The raw slab (up to 8 bytes a voxel) or nibabel's scaled copy, per float32 slab byte.
 READ_TEMPORARY_FACTOR = 2
 SPLEEN_BOX_MM = 250.0
+# Grid-sized bool masks of the focused windows (windows.py): seen, region, the region's growth.
+FOCUS_MASKS = 3
 # Labels (int32) and a bool copy of the spleen's box, per box voxel.
 COMPONENT_BYTES_PER_VOXEL = 5
 PREVIEW_BYTES = 32 << 20
@@ -120,7 +123,7 @@ def estimate_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float
         "read": read_peak_bytes(shape),
         "resample": volume + _resample_bytes(ras_shape, grid_shape),
         "windows": volume + FLOAT32_BYTES * grid + (FLOAT32_BYTES * padded if padded > grid else 0)
-        + (FLOAT32_BYTES + 3) * padded + batches,
+        + (FLOAT32_BYTES + 1 + FOCUS_MASKS) * padded + batches,
         "inversion": volume + (FLOAT32_BYTES + 1) * padded + 2 * FLOAT32_BYTES * grid_box + voxels
         + 3 * min(RESAMPLE_CHUNK_BYTES, FLOAT32_BYTES * box),
         "outputs": volume + voxels + COMPONENT_BYTES_PER_VOXEL * box + PREVIEW_BYTES,
