@@ -58,7 +58,7 @@ COOKIE_PREFIX = "spleen_review_"
 # A decision is a few hundred bytes; its comment at most store.MAX_COMMENT_CHARS characters.
 MAX_JSON_BODY_BYTES = 16 << 10
 # A stalled upload is dropped: no chunk for this long, or not finished within the total.
-BODY_IDLE_TIMEOUT_S = 15.0
+BODY_IDLE_TIMEOUT_S = 10.0
 BODY_TOTAL_TIMEOUT_S = 120.0
 CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -29,7 +29,7 @@ TOKEN_BYTES = 32
 MAX_CONCURRENT = 32
 KEEP_ALIVE_S = 5
 # A connection that has not sent its first request's headers by then is closed.
-FIRST_REQUEST_TIMEOUT_S = 10.0
+FIRST_REQUEST_TIMEOUT_S = 5.0
 # h11's bound on a request's headers (bytes): a peer cannot make us buffer more before we know who it is.
 MAX_HEADER_BYTES = 16 << 10
 # Where web/ (package.json, node_modules) lies in a checkout; SPLEEN_SEG_WEB names another.
