@@ -2,8 +2,9 @@
 
 The page is one self-contained file (inline CSS and JavaScript, no network, no server): the
 summary rows are embedded as JSON and a small script lists them, sortable by clicking a
-column (the quality score too: ``pipeline.quality``), filterable by text, status, flag (``review
-suggested`` among them) and volume outliers, 500 rows per page. The state
+column (the quality score too: ``pipeline.quality``; and the reviewer's verdict, summary.csv's
+``review`` column written by ``spleen-seg review``), filterable by text, status, flag (``review
+suggested`` among them), review state and volume outliers, 500 rows per page. The state
 lives in the URL's fragment (``index.html#sort=-volume&status=failed``), so a view can be
 bookmarked or opened by a headless browser. Thumbnails and links are relative paths into
 each case's folder, so the output folder can be moved or copied as a whole.

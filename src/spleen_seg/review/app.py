@@ -217,6 +217,7 @@ def _case_info(app: ReviewApp, entry: CaseEntry) -> dict[str, Any]:
                    "components_kept": report.components_kept, "flags": report.flags, "warnings": report.warnings,
                    "quality": report.quality, "message": report.message,
                    "spacing_mm": report.input_geometry.get("spacing_mm"),
+                   "centroid_ras_mm": (report.anatomy or {}).get("spleen_centroid_ras_mm"),
                    "shape": report.input_geometry.get("shape")},
         "views": grids, "window_hu": list(WINDOW_HU),
     }

@@ -11,11 +11,12 @@ An output folder is one of:
 Case ids come from those files, not from requests: a request names a case id, and only an id
 of this index maps to a folder, always a direct child of the case root that is a real
 directory (not a symlink). Files inside a case folder are opened only by names the app knows
-(:data:`CASE_FILES`), and never through a symlink.
+(:func:`case_files`), and never through a symlink.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -24,11 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spleen_seg.batch.case import MASK_FILENAME, SEG_FILENAME
 from spleen_seg.batch.summary import (
     JOURNAL_SUFFIX,
     PART_FILE,
-    SUMMARY_COLUMNS,
     SUMMARY_FILENAME,
     Row,
     SummaryRow,
@@ -46,9 +45,6 @@ NODE_DB_FILENAME = "jobs.sqlite"  # node/spool.py DB_FILENAME
 NODE_JOB_PREFIX = "job-"
 # Statuses whose folder holds a mask to look at (failed and interrupted cases have none).
 REVIEWABLE_STATUSES = ("ok", "not_found")
-# The files of a case folder the app may read, by name; nothing else is served.
-CASE_FILES = frozenset({MASK_FILENAME, SEG_FILENAME, REPORT_FILENAME, PREVIEW_FILENAME, THUMBNAIL_FILENAME,
-                        CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME})
 NOT_CASE_NAMES = ("", ".", "..")
 
 logger = logging.getLogger(__name__)
@@ -97,6 +93,19 @@ class CaseIndex:
         if at is None:
             return None, None
         return (self.order[at - 1] if at > 0 else None), (self.order[at + 1] if at + 1 < len(self.order) else None)
+
+
+@functools.cache
+def case_files() -> frozenset[str]:
+    """The files of a case folder the app may read, by name; nothing else is served.
+
+    A function, not a constant: ``batch.case`` (the model's file names) imports the pipeline,
+    which the first page of a 10,000-case folder should not wait for.
+    """
+    from spleen_seg.batch.case import MASK_FILENAME, SEG_FILENAME
+
+    return frozenset({MASK_FILENAME, SEG_FILENAME, REPORT_FILENAME, PREVIEW_FILENAME, THUMBNAIL_FILENAME,
+                      CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME})
 
 
 def _is_case_name(name: str) -> bool:
@@ -175,8 +184,8 @@ def load_index(out_dir: Path) -> CaseIndex:
         if not _is_case_name(case):
             skipped += 1
             continue
-        complete = {name: row.get(name) or "" for name in SUMMARY_COLUMNS}
-        index.entries[case] = CaseEntry(case=case, folder=case_root / case, row=complete, part_summary=holders.get(case))
+        # read_summary's rows hold every column already; a node's come from SummaryRow.as_dict.
+        index.entries[case] = CaseEntry(case=case, folder=case_root / case, row=row, part_summary=holders.get(case))
     if skipped:
         logger.warning("%s: %d summary rows with a case id that is not a folder name were left out", out_dir, skipped)
     index.order = review_order(index.entries.values())
@@ -194,10 +203,10 @@ def case_folder(entry: CaseEntry) -> Path | None:
 
 
 def case_file(entry: CaseEntry, name: str) -> Path | None:
-    """``name`` in the case's folder when it is one of :data:`CASE_FILES` and a regular file (a symlink is
+    """``name`` in the case's folder when it is one of :func:`case_files` and a regular file (a symlink is
     refused: it could point anywhere), else None."""
     folder = case_folder(entry)
-    if folder is None or name not in CASE_FILES:
+    if folder is None or name not in case_files():
         return None
     path = folder / name
     try:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from spleen_seg.batch.case import ALGORITHM_NAME, SEG_FILENAME
 from spleen_seg.errors import InputImageError
 from spleen_seg.io.dicom import DicomSeries
 from spleen_seg.io.nifti import Geometry, is_nifti, read_geometry, read_volume
@@ -36,6 +35,8 @@ class CaseSource:
 def _referenced_series_uid(entry: CaseEntry) -> str | None:
     """The series the model's SEG references (the series the case was computed from)."""
     import pydicom
+
+    from spleen_seg.batch.case import SEG_FILENAME
 
     path = case_file(entry, SEG_FILENAME)
     if path is None:
@@ -96,6 +97,7 @@ def seg_writer(entry: CaseEntry, report: CaseReport):
     if is_nifti(report.source) or "dicom_seg" not in report.outputs:
         return None
     from spleen_seg import __version__
+    from spleen_seg.batch.case import ALGORITHM_NAME
     from spleen_seg.io.seg import AlgorithmInfo, write_dicom_seg
 
     series = find_case_series(entry, report)

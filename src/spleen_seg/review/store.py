@@ -39,7 +39,6 @@ from typing import Any, cast
 
 import numpy as np
 
-from spleen_seg.batch.case import MASK_FILENAME
 from spleen_seg.batch.summary import SUMMARY_FILENAME, read_summary, write_page, write_summary_rows
 from spleen_seg.io.atomic import atomic_path
 from spleen_seg.outputs.report import REPORT_FILENAME, CaseReport, read_report, write_report
@@ -193,6 +192,8 @@ class ReviewStore:
 
     def current_mask_file(self, entry: CaseEntry, review: ReviewState) -> Path:
         """The mask a reviewer edits: the saved correction when there is one, else the model's."""
+        from spleen_seg.batch.case import MASK_FILENAME
+
         name = CORRECTED_MASK_FILENAME if review.correction is not None else MASK_FILENAME
         path = case_file(entry, name)
         if path is None:
@@ -283,6 +284,8 @@ class ReviewStore:
         return current
 
     def _audit_record(self, entry: CaseEntry, review: ReviewState, action: str, recovered: bool = False) -> dict[str, Any]:
+        from spleen_seg.batch.case import MASK_FILENAME
+
         model = case_file(entry, MASK_FILENAME)
         correction = review.correction
         return {"time": utc_now(), "reviewer": self.reviewer, "case": entry.case, "action": action,

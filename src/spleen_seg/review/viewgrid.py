@@ -29,6 +29,7 @@ VIEWS = (VIEW_ROI, VIEW_FULL)
 ROI_MARGIN_MM = 40.0
 # A view voxel is inside the mask when at least half of its block is.
 MASK_BLOCK_FRACTION = 0.5
+SAME_SPACING_TOLERANCE = 0.01  # voxel sizes within 1% count as equal (0.78 and 0.781 mm pixels)
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
 
 
@@ -79,8 +80,8 @@ def plan_view(mask: np.ndarray, affine: np.ndarray, view: str, max_voxels: int,
     """The view of a case whose model mask is ``mask`` (X, Y, Z), 0/1, on the grid of ``affine``.
 
     ``roi``: the mask's box grown by ``margin_mm`` (the whole volume when the mask is empty);
-    ``full``: the whole volume. Blocks grow one axis at a time, the axis whose block is
-    thinnest in mm first, until the view holds at most ``max_voxels``.
+    ``full``: the whole volume. Blocks grow along the axes whose block is thinnest in mm
+    (together when equal), until the view holds at most ``max_voxels``.
     """
     if view not in VIEWS:
         raise ValueError(f"view {view!r} is not one of {', '.join(VIEWS)}")
@@ -99,8 +100,11 @@ def plan_view(mask: np.ndarray, affine: np.ndarray, view: str, max_voxels: int,
         candidates = [axis for axis in range(3) if factors[axis] < lengths[axis]]
         if not candidates:
             break
-        axis = min(candidates, key=lambda a: (spacing[a] * factors[a], -lengths[a]))
-        factors[axis] += 1
+        finest = min(spacing[a] * factors[a] for a in candidates)
+        # Axes as fine as the finest grow together, so square pixels stay square.
+        for axis in candidates:
+            if spacing[axis] * factors[axis] <= finest * (1 + SAME_SPACING_TOLERANCE):
+                factors[axis] += 1
     for axis in range(3):
         # Whole blocks where the volume allows (a partial block's centre is not where the affine says).
         whole = math.ceil(lengths[axis] / factors[axis]) * factors[axis]

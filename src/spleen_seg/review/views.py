@@ -23,12 +23,10 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
-from spleen_seg.batch.case import MASK_FILENAME
 from spleen_seg.errors import SpleenSegError
 from spleen_seg.io.nifti import Geometry, read_geometry
 from spleen_seg.outputs.report import CaseReport
 from spleen_seg.review.cases import CaseEntry, case_file, case_folder
-from spleen_seg.review.source import read_case_source
 from spleen_seg.review.store import ReviewRefused, durable_write, read_mask
 from spleen_seg.review.viewgrid import VIEWS, ViewGrid, plan_view, view_image, view_mask
 
@@ -84,6 +82,8 @@ class CaseViews:
             if key in self._grids:
                 self._grids.move_to_end(key)
                 return self._grids[key]
+        from spleen_seg.batch.case import MASK_FILENAME
+
         path = case_file(entry, MASK_FILENAME)
         if path is None:
             raise ReviewRefused(404, f"{entry.case}: {MASK_FILENAME} is missing from its folder")
@@ -106,6 +106,8 @@ class CaseViews:
         with self._build_lock:
             if _matches(dest, grid):
                 return dest
+            from spleen_seg.review.source import read_case_source
+
             try:
                 source = read_case_source(entry, report, geometry)
             except SpleenSegError as err:

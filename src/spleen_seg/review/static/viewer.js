@@ -9,13 +9,15 @@ const ZOOM_STEP = 1.15;
 const PEN_SIZES = [1, 3, 5, 9, 15];
 const DRAW_OPACITY = 0.45;
 
+// ``?timing`` in the URL: wait for the GPU after each step of a load and keep the times (benchmarks/bench_review.py).
 const state = { case: null, info: null, view: "roi", dirty: false, armed: null, busy: false, tool: "navigate",
-                prefetch: null, loadedMs: null };
+                prefetch: null, loadedMs: null, laps: {}, timing: new URLSearchParams(location.search).has("timing") };
 const nv = new Niivue({
   backColor: [0, 0, 0, 1], dragAndDropEnabled: false, isColorbar: false, logLevel: "warn",
   sliceType: SLICE_TYPE.MULTIPLANAR, multiplanarShowRender: SHOW_RENDER.ALWAYS, show3Dcrosshair: true,
   clipPlaneHotKey: "NoKey", viewModeHotKey: "NoKey", cycleClipPlaneHotKey: "NoKey", isNearestInterpolation: true,
-  penSize: 1, crosshairColor: [0.1, 0.8, 1, 0.9], crosshairWidth: 1,
+  penSize: 1, crosshairColor: [0.1, 0.8, 1, 0.9], crosshairWidth: 0.2, crosshairGap: 6,
+  isRadiologicalConvention: true,  // the patient's left on the screen's right, as a radiologist reads
 });
 window.reviewViewer = { nv, state, sync };
 
@@ -117,14 +119,25 @@ async function loadCase(id, { push = true } = {}) {
       state.prefetch.promise : fetchView(id, state.view);
     state.prefetch = null;
     const [ctBytes, maskBytes] = await pending;
+    const laps = { attach: state.laps.attach };
+    let last = performance.now();
+    const lap = (name) => { const now = performance.now(); laps[name] = Math.round(now - last); last = now; };
+    lap("fetch");
     const [lo, hi] = info.window_hu;
     const ct = await NVImage.loadFromUrl({ url: "ct.nii.gz", name: "ct.nii.gz", buffer: ctBytes, cal_min: lo, cal_max: hi });
     const mask = await NVImage.loadFromUrl({ url: "mask.nii.gz", name: "mask.nii.gz", buffer: maskBytes });
+    lap("parse");
     if (nv.drawBitmap) { nv.closeDrawing(); }
     await nv.loadVolumes([]);
     nv.addVolume(ct);
+    if (state.timing) { sync(); lap("volume"); }
     nv.loadDrawing(mask);
     nv.setDrawOpacity(DRAW_OPACITY);
+    if (info.report.centroid_ras_mm) {  // the cross on the spleen (NiiVue's world is RAS+ mm, as the report's)
+      nv.scene.crosshairPos = nv.mm2frac(info.report.centroid_ras_mm);
+    }
+    if (state.timing) { sync(); lap("drawing"); }
+    state.laps = laps;
     setTool(state.tool);
     state.case = id;
     state.info = info;
@@ -133,6 +146,7 @@ async function loadCase(id, { push = true } = {}) {
     showInfo(info);
     if (push) { history.replaceState(null, "", `/cases/${encodeURIComponent(id)}/`); }
     nv.drawScene();
+    if (state.timing) { sync(); lap("draw"); }
     state.loadedMs = Math.round(performance.now() - started);
     message(`${id}: shown in ${(state.loadedMs / 1000).toFixed(1)} s`);
     document.body.dataset.loaded = id;
@@ -292,7 +306,10 @@ function wire() {
 
 async function start() {
   wire();
+  const started = performance.now();
   await nv.attachTo("gl");
+  if (state.timing) { sync(); }
+  state.laps.attach = Math.round(performance.now() - started);
   const id = decodeURIComponent(location.pathname.split("/")[2] || "");
   setSlice(SLICE_TYPE.MULTIPLANAR);
   await loadCase(id, { push: false });
