@@ -22,6 +22,15 @@ from spleen_seg.outputs.review_state import AUDIT_LOG_FILENAME, CORRECTED_MASK_F
 from spleen_seg.review.server import FIRST_REQUEST_TIMEOUT_S, MAX_CONCURRENT
 
 SECRET = "the secret outside OUT"
+ATTACK_CHUNKS = 64  # 1 MB each
+ATTACK_RSS_BOUND_BYTES = 16 << 20
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 REQUEST_TIMEOUT_S = 60
 
 
@@ -203,6 +212,22 @@ def test_requests_larger_than_the_limit_are_refused_before_they_are_read(server)
     assert time.monotonic() - started < 5
     status, _, _ = request(server, "POST", "/api/cases/case5/decision", b"{" + b" " * (1 << 20) + b"}")
     assert status == 413
+    # A chunked body (no Content-Length) is counted while it is read: 64 MB sent, the server stops at the
+    # view's bound and its memory does not follow what the peer sends.
+    before = rss_bytes(server.process.pid)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_TIMEOUT_S) as sock:
+        sock.sendall(f"PUT /api/cases/case5/roi/mask?revision=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {server.token}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b"\0" * (1 << 20))
+        answer = b""
+        try:
+            for _ in range(ATTACK_CHUNKS):
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed before all of it was sent
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert rss_bytes(server.process.pid) - before < ATTACK_RSS_BOUND_BYTES
     assert revision(server, "case5") == 0
 
 

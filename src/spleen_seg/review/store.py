@@ -41,6 +41,7 @@ import numpy as np
 
 from spleen_seg.batch.summary import SUMMARY_FILENAME, read_summary, write_page, write_summary_rows
 from spleen_seg.io.atomic import atomic_path
+from spleen_seg.node.spool import fsync_dir
 from spleen_seg.outputs.report import REPORT_FILENAME, CaseReport, read_report, write_report
 from spleen_seg.outputs.review_state import (
     AUDIT_LOG_FILENAME,
@@ -115,11 +116,8 @@ def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a file or a folder (the node's helper opens either read-only)."""
+    fsync_dir(path)
 
 
 def _test_pause(stage: str) -> None:
