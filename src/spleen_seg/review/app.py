@@ -151,11 +151,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def cohort(app: ReviewApp, request: Request) -> Response:
+    from spleen_seg.batch.case import MASK_FILENAME
     from spleen_seg.outputs.cohort import CaseFiles, cohort_page
     from spleen_seg.outputs.preview import PREVIEW_FILENAME, THUMBNAIL_FILENAME
 
     files = CaseFiles(thumbnail=THUMBNAIL_FILENAME, preview=PREVIEW_FILENAME,
-                      links=(("review", ""), ("report", REPORT_FILENAME), ("mask", "spleen.nii.gz")))
+                      links=(("review", ""), ("report", REPORT_FILENAME), ("mask", MASK_FILENAME)))
     text = await run_in_threadpool(cohort_page, app.index.rows(), files=files, title=app.title)
     return Response(text, media_type="text/html; charset=utf-8", headers={"content-security-policy": page_csp(text)})
 

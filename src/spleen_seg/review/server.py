@@ -120,7 +120,10 @@ def review(settings: ReviewSettings) -> int:
     start = time.perf_counter()
     niivue = niivue_module()
     index = load_index(settings.out_dir)
-    store = ReviewStore(index, settings.reviewer or getpass.getuser())
+    try:
+        store = ReviewStore(index, settings.reviewer or getpass.getuser())
+    except ReviewRefused as err:
+        raise ConfigError(f"--reviewer: {err}") from None
 
     def write_seg_for(entry):
         try:

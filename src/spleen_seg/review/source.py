@@ -74,9 +74,11 @@ def read_case_source(entry: CaseEntry, report: CaseReport, mask_geometry: Geomet
     source = Path(report.source)
     series = None
     if is_nifti(source):
+        from spleen_seg.pipeline.memory import available_bytes
+
         header = read_geometry(source)
         _check_grid(entry, source, header, mask_geometry)
-        image, geometry = read_volume(source)
+        image, geometry = read_volume(source, max_bytes=available_bytes())
     else:
         series = find_case_series(entry, report)
         image, geometry = load_input(series)

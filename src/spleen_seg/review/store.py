@@ -357,9 +357,12 @@ class ReviewStore:
         lines = []
         for pending in sorted(self.index.case_root.glob(f"*/{PENDING_FILENAME}")):
             entry = self.index.get(pending.parent.name)
-            if entry is None:
+            if entry is None or case_folder(entry) is None:  # not a case of ours, or a symlinked folder
                 continue
-            lines.append(self._recover_case(entry, pending, write_seg_for))
+            try:
+                lines.append(self._recover_case(entry, pending, write_seg_for))
+            except ReviewRefused as err:
+                lines.append(f"{entry.case}: left as it is ({err})")
         lines += self._reconcile_summary()
         return lines
 
