@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -62,6 +63,7 @@ OWN_WRITES = (CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME, REPORT_FILENAME, 
 MAX_COMMENT_CHARS = 2000
 MAX_REVIEWER_CHARS = 100
 DIGEST_CHUNK_BYTES = 1 << 20
+OWNER_ONLY = 0o600  # a node's spool keeps its files to its owner (node/spool.py FILE_MODE)
 # Tests only: stop a save at a named stage (and say so on stderr) so that a test can kill the server there.
 TEST_PAUSE_ENV = "SPLEEN_SEG_REVIEW_TEST_PAUSE"
 TEST_PAUSE_STAGES = ("pending-written", "mask-written", "mask-renamed", "report-written", "audit-written")
@@ -128,12 +130,22 @@ def _test_pause(stage: str) -> None:
 
 
 def durable_write(dest: Path, write: Callable[[Path], object], pause_stage: str | None = None) -> Path:
-    """Write ``dest`` through ``write(tmp)``: temporary file, fsync, rename, folder fsync (whole or not at all)."""
+    """Write ``dest`` through ``write(tmp)``: temporary file, fsync, rename, folder fsync (whole or not at all).
+
+    The file keeps the mode of the one it replaces, and a new one in an owner-only folder (a
+    node's spool) is owner-only too.
+    """
+    try:
+        mode: int | None = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        mode = OWNER_ONLY if stat.S_IMODE(dest.parent.stat().st_mode) & 0o077 == 0 else None
     with atomic_path(dest) as tmp:
         write(tmp)
         _fsync_path(tmp)
         if pause_stage is not None:
             _test_pause(pause_stage)
+    if mode is not None:
+        os.chmod(dest, mode)
     _fsync_path(dest.parent)
     return dest
 
@@ -269,7 +281,7 @@ class ReviewStore:
     def _place_mask(self, staged: Path, dest: Path, corrected: np.ndarray, folder: Path,
                     write_seg: Callable[[np.ndarray, Path], object] | None) -> None:
         _test_pause("mask-written")
-        os.replace(staged, dest)
+        os.replace(staged, dest)  # staged by durable_write: already the mode a new file here gets
         _fsync_path(folder)
         _test_pause("mask-renamed")
         if write_seg is not None:

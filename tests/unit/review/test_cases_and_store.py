@@ -153,3 +153,32 @@ def test_an_upload_is_checked_before_it_is_inflated_or_parsed(batch):
     with pytest.raises(ReviewRefused, match="cut short"):
         read_drawing(gzip.compress(good.to_bytes())[:-20], grid)
     assert index.get("low") is not None
+
+
+def test_a_decision_reaches_the_part_summary_holding_the_case_so_a_merge_keeps_it(batch):
+    from spleen_seg.batch.summary import merge_summaries
+
+    rows = read_summary(batch / SUMMARY_FILENAME)
+    write_summary_rows(rows[:2], batch / "summary.part-0-of-2.csv")
+    write_summary_rows(rows[2:], batch / "summary.part-1-of-2.csv")
+    index = load_index(batch)
+    case = rows[3]["case"]
+    ReviewStore(index, "rr").decide(index.get(case), "rejected", "", 0)
+    assert {r["case"]: r["review"] for r in read_summary(batch / "summary.part-1-of-2.csv")}[case] == "rejected"
+    merged = merge_summaries(batch)  # after the array: rebuilt from the part summaries
+    assert {r["case"]: r["review"] for r in merged.rows}[case] == "rejected"
+
+
+def test_files_of_an_owner_only_case_folder_stay_owner_only(batch):
+    folder = batch / "low"
+    os.chmod(folder, 0o700)
+    for path in folder.iterdir():
+        os.chmod(path, 0o600)
+    index = load_index(batch)
+    store = ReviewStore(index, "rr")
+    mask = np.asarray(nib.load(folder / "spleen.nii.gz").dataobj).copy()
+    mask[0, 0, 0] = 1
+    store.save_correction(index.get("low"), 0, lambda base: mask, None)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir()
+            if path.name in ("report.json", CORRECTED_MASK_FILENAME)} == {"report.json": "0o600",
+                                                                          CORRECTED_MASK_FILENAME: "0o600"}
