@@ -121,6 +121,28 @@ def test_the_overlay_is_red_where_the_mask_is_and_nowhere_else(app, page, tmp_pa
     page.evaluate("window.reviewViewer.nv.setCrosshairWidth(0.2)")
 
 
+def drawn_voxels(page) -> int:
+    return page.evaluate("window.reviewViewer.nv.drawBitmap.reduce((n, v) => n + (v > 0 ? 1 : 0), 0)")
+
+
+def test_undo_takes_back_a_stroke(app, page):
+    before = drawn_voxels(page)
+    assert before == int(view_mask(app, "first").sum())
+    page.keyboard.press("d")
+    box = page.locator("#gl").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    for step in range(1, 12):
+        page.mouse.move(box["x"] + box["width"] * (0.3 + 0.02 * step), box["y"] + box["height"] * 0.2)
+        page.wait_for_timeout(MOVE_PAUSE_MS)
+    page.wait_for_timeout(RELEASE_PAUSE_MS)
+    page.mouse.up()
+    assert drawn_voxels(page) > before
+    page.keyboard.press("u")
+    assert drawn_voxels(page) == before
+    page.keyboard.press("Escape")
+
+
 def test_a_stroke_saved_changes_the_mask_exactly_where_it_went(app, page):
     page.keyboard.press("d")  # paint
     box = page.locator("#gl").bounding_box()
