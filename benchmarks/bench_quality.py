@@ -31,6 +31,7 @@ from spleen_seg.io.nifti import Geometry
 from spleen_seg.pipeline import quality, segmenter
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.pipeline.segmenter import load_segmenter
+from spleen_seg.pipeline.tta import check_tta_axes
 from spleen_seg.training.degrade import DEGRADATIONS, degrade_phantom
 from spleen_seg.training.evaluate import dice
 from spleen_seg.training.phantom import make_phantom
@@ -109,7 +110,8 @@ def run_case(case: Case, seg, geometry_kwargs: dict, tta_axes: str, captured: di
             box, region = found
             case.by_margin[str(threshold)] = float((np.abs(margin[box][region]) < threshold).mean())
     if tta_axes:
-        tta = replace(seg, tta_axes=tta_axes)
+        # The plain segmenter's network; the weights' record checked as load_segmenter does (main prints it once).
+        tta = replace(seg, tta_axes=tta_axes, tta_warning=check_tta_axes(demo_weights_path(), tta_axes, explicit=True))
         mask = tta.predict(image, geometry)
         case.tta_dice = dice(mask, phantom.spleen_mask)
         case.tta_score, case.tta_review = tta.last_quality.score, tta.last_quality.review_suggested
@@ -165,6 +167,8 @@ def main() -> int:
 
     segmenter.quality_score = capture  # type: ignore[assignment]
     seg = load_segmenter(demo_weights_path(), "cpu", progress=False)
+    if args.tta_axes:
+        print(check_tta_axes(demo_weights_path(), args.tta_axes, explicit=True) or "TTA axes declared safe by the weights")
     cases = make_cases("calibration", CALIBRATION_SEED, args.cases) + make_cases("evaluation", EVALUATION_SEED, args.cases)
     start = time.perf_counter()
     print("split        seed  degradation    severity   Dice  score review"

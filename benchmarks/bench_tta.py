@@ -26,6 +26,7 @@ import numpy as np
 from spleen_seg.io.nifti import Geometry
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.pipeline.segmenter import load_segmenter
+from spleen_seg.pipeline.tta import check_tta_axes
 from spleen_seg.training.evaluate import dice
 from spleen_seg.training.phantom import _case_seed, make_phantom
 
@@ -46,7 +47,14 @@ def main() -> int:
     if training & set(seeds):
         raise SystemExit("a benchmark seed is one of the demo weights' training cases")
     plain = load_segmenter(demo_weights_path(), "cpu", progress=False)
-    variants = {"plain": plain, **{axes: replace(plain, tta_axes=axes) for axes in args.axes}}
+    # The TTA variants share the plain one's network; the weights' record is checked as load_segmenter does
+    # (the demo weights were trained without flips: every variant runs with the warning, printed once).
+    variants = {"plain": plain, **{axes: replace(plain, tta_axes=axes,
+                                                 tta_warning=check_tta_axes(demo_weights_path(), axes, explicit=True))
+                                   for axes in args.axes}}
+    for name, variant in variants.items():
+        if variant.tta_warning:
+            print(f"{name}: {variant.tta_warning}")
     warm = make_phantom(FIRST_SEED - 1, shape=(64, 64, 32), spacing_mm=(3.0, 3.0, 4.0))
     plain.predict(warm.image_hu.astype(np.float32), Geometry(shape=warm.image_hu.shape, affine_ras=warm.affine))
     rows = []

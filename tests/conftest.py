@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ci import in_ci
 from shared_data import REAL_CT, REAL_CT_MASK, SHARED, YARDSTICK
 
 # CI must run the real-CT tests: there a missing shared folder is an error, not a skip.
-IN_CI = os.environ.get("CI", "").lower() == "true"
+IN_CI = in_ci()
 
 # Two CPU cores: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

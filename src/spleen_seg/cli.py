@@ -95,6 +95,15 @@ def _tta_axes(value: str) -> str:
     return axes
 
 
+def _tta_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SegmentOptions' TTA fields: --tta-axes as named, --tta alone all three (checked against the weights)."""
+    from spleen_seg.pipeline.tta import TTA_AXES
+
+    if args.tta_axes:
+        return {"tta_axes": args.tta_axes, "tta_axes_explicit": True}
+    return {"tta_axes": TTA_AXES if args.tta else "", "tta_axes_explicit": False}
+
+
 def _override(value: str) -> tuple[str, Any]:
     """``key=value`` with a JSON/Python-literal value, as ``monai.bundle run --key value``."""
     import ast
@@ -119,6 +128,12 @@ def _seconds_or_days(value: str, minimum: float) -> float:
     return number
 
 
+def _stall_seconds(value: str) -> float:
+    from spleen_seg.batch.ray_cluster import MIN_STALL_SECONDS
+
+    return _seconds_or_days(value, MIN_STALL_SECONDS)
+
+
 def _non_negative_float(value: str) -> float:
     return _seconds_or_days(value, 0.0)
 
@@ -127,6 +142,12 @@ def _quiet_seconds(value: str) -> float:
     from spleen_seg.node.settings import MIN_QUIET_SECONDS
 
     return _seconds_or_days(value, MIN_QUIET_SECONDS)
+
+
+def _idle_seconds(value: str) -> float:
+    from spleen_seg.node.settings import MIN_IDLE_TIMEOUT_SECONDS
+
+    return _seconds_or_days(value, MIN_IDLE_TIMEOUT_SECONDS)
 
 
 def _node_value(parse):
@@ -202,13 +223,18 @@ def _add_segment_parser(sub, quiet: argparse.ArgumentParser) -> None:
                           "none to start a local instance (pip install \"spleen-seg[ray]\")")
     seg.add_argument("--ray-gpus-per-actor", type=_gpu_share, default=1.0, metavar="SHARE",
                      help="GPU share of each inference actor on GPU nodes (0.5: two actors per GPU; default 1)")
+    seg.add_argument("--ray-stall-seconds", type=_stall_seconds, metavar="SECONDS",
+                     help="after this long without progress, and again at this interval, say on stderr what the Ray "
+                          "run waits for (cases per stage, their resources, the cluster's free resources); default 300")
     seg.add_argument("--tta", action="store_true",
                      help="flip test-time augmentation: average the network over the scan and its 7 mirror images "
                           "(about 8x the network's time; the quality score becomes the mirrored predictions' "
-                          "disagreement). Only for weights trained with mirroring: the bundle's recipe is not, and "
-                          "left-right mirroring breaks its masks (benchmarks/README.md)")
+                          "disagreement). Only for weights trained with mirroring (\"trained_with_flips\": true in "
+                          "<weights>.json): refused for others, the official weights and the bundle's recipe among "
+                          "them, whose masks left-right mirroring breaks")
     seg.add_argument("--tta-axes", type=_tta_axes, metavar="AXES",
-                     help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies --tta")
+                     help="flip TTA over these axes only, e.g. x,y (x left-right, y front-back, z head-feet); implies "
+                          "--tta; on axes the weights' record does not declare safe it runs with a warning")
     seg.add_argument("--overwrite", action="store_true",
                      help="recompute every case (default: skip cases an earlier run finished with the same input, "
                           "weights, options and spleen-seg version)")
@@ -313,7 +339,8 @@ def _add_serve_parser(sub, quiet: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=_node_value(node.parse_port), default=node.DEFAULT_PORT,
                        help=f"DICOM port (default {node.DEFAULT_PORT})")
     serve.add_argument("--allowed-callers", type=_node_value(node.parse_ae_list), default=(), metavar="AE1,AE2",
-                       help="accept associations only from these calling AE titles (default: any)")
+                       help="accept associations only from these calling AE titles (default: any); a peer "
+                            "chooses its title, so this routes, it does not authenticate (see --allowed-hosts, --tls-ca)")
     serve.add_argument("--max-associations", type=_positive_int, default=node.DEFAULT_MAX_ASSOCIATIONS,
                        help=f"simultaneous incoming associations (default {node.DEFAULT_MAX_ASSOCIATIONS})")
     serve.add_argument("--quiet-seconds", type=_quiet_seconds, default=node.DEFAULT_QUIET_SECONDS,
@@ -331,10 +358,36 @@ def _add_serve_parser(sub, quiet: argparse.ArgumentParser) -> None:
                             f"(default {node.DEFAULT_KEEP_DAYS:g}; 0: at once)")
     serve.add_argument("--tls-cert", type=_existing_file, help="PEM certificate: accept DICOM over TLS only")
     serve.add_argument("--tls-key", type=_existing_file, help="PEM private key of --tls-cert")
-    serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed")
+    serve.add_argument("--tls-ca", type=_existing_file, help="PEM CA bundle: require client certificates it signed "
+                       "(the way to authenticate peers: AE titles are not checked credentials)")
+    _add_serve_limit_flags(serve)
     serve.add_argument("--weights", type=_existing_file,
                        help="state dict or TorchScript; default: the cached official weights")
     _add_runtime_flags(serve)
+
+
+def _add_serve_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """What a peer may cost the node (docs/node.md, "What authenticates a peer, and the limits")."""
+    from spleen_seg.node import settings as node
+
+    serve.add_argument("--allowed-hosts", type=_node_value(node.parse_host_list), default=(), metavar="ADDR,NET",
+                       help="accept TCP connections only from these addresses or networks, e.g. 10.1.2.3,192.168.0.0/24 "
+                            "(checked at accept, before any DICOM byte is read; default: any)")
+    serve.add_argument("--max-connections", type=_positive_int,
+                       help=f"simultaneous TCP connections, associated or not (default {node.CONNECTIONS_PER_ASSOCIATION} "
+                            "x --max-associations); more are closed at accept")
+    serve.add_argument("--idle-timeout", type=_idle_seconds, default=node.DEFAULT_IDLE_TIMEOUT_SECONDS, metavar="S",
+                       help="close a connection silent for this long; the TLS handshake, then the association request, "
+                            f"must each be complete within this long (default {node.DEFAULT_IDLE_TIMEOUT_SECONDS:g})")
+    serve.add_argument("--max-instance-size", type=_node_value(node.parse_size), default=node.DEFAULT_MAX_INSTANCE_BYTES,
+                       metavar="SIZE", help="drop a peer sending a larger dataset (held in memory while it arrives; "
+                                            f"default {node.format_size(node.DEFAULT_MAX_INSTANCE_BYTES)})")
+    serve.add_argument("--spool-quota", type=_node_value(node.parse_size), default=node.DEFAULT_SPOOL_QUOTA_BYTES,
+                       metavar="SIZE", help="received instances the spool holds at most; beyond, C-STOREs are answered "
+                                            f"Out of Resources (default {node.format_size(node.DEFAULT_SPOOL_QUOTA_BYTES)})")
+    serve.add_argument("--max-series-instances", type=_positive_int, default=node.DEFAULT_MAX_SERIES_INSTANCES,
+                       metavar="N", help="instances one series may hold in the spool; beyond, Out of Resources "
+                                         f"(default {node.DEFAULT_MAX_SERIES_INSTANCES})")
 
 
 def _add_status_parser(sub, quiet: argparse.ArgumentParser) -> None:
@@ -454,12 +507,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from spleen_seg.batch.ray import RaySettings
 
-        ray = RaySettings(address=None if args.ray == RAY_LOCAL else args.ray, gpus_per_actor=args.ray_gpus_per_actor)
+        stall = {} if args.ray_stall_seconds is None else {"stall_seconds": args.ray_stall_seconds}
+        ray = RaySettings(address=None if args.ray == RAY_LOCAL else args.ray, gpus_per_actor=args.ray_gpus_per_actor,
+                          **stall)
     # Under --ray each actor resolves "auto" on its own node (the driver may have no GPU).
     device = args.device if ray is not None else resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, strict=args.strict, stl=args.stl,
                              weights_convention=args.weights_convention, all_windows=args.all_windows,
-                             precision=args.precision, tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+                             precision=args.precision, **_tta_options(args))
     terminated = _interrupt_on_sigterm()
     try:
         if part is None:
@@ -513,7 +568,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     weights = default_segment_weights(args.weights)
     device = resolve_device_name(args.device)
     options = SegmentOptions(largest_component=args.largest_component, weights_convention=args.weights_convention,
-                             tta_axes=args.tta_axes or ("xyz" if args.tta else ""))
+                             **_tta_options(args))
     result = compare_followup(args.prior, args.current, args.output, weights, device, backend=args.backend,
                               progress=not args.quiet, options=options, force=args.force, overwrite=args.overwrite,
                               growth_threshold_percent=args.growth_threshold_percent)
@@ -626,11 +681,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(print_status(args.spool, as_json=args.json, limit=args.limit))
         return 0
     from spleen_seg.node.service import serve
-    from spleen_seg.node.settings import NodeSettings, check_tls
+    from spleen_seg.node.settings import NodeSettings, check_connection_limit, check_tls
 
     settings = NodeSettings(
         spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
         allowed_callers=tuple(args.allowed_callers), max_associations=args.max_associations,
+        allowed_hosts=tuple(args.allowed_hosts),
+        max_connections=check_connection_limit(args.max_connections, args.max_associations),
+        idle_timeout_seconds=args.idle_timeout, max_instance_bytes=args.max_instance_size,
+        spool_quota_bytes=args.spool_quota, max_series_instances=args.max_series_instances,
         quiet_seconds=args.quiet_seconds, destinations=tuple(args.destinations), stow_url=args.stow_url,
         send_report=args.send_report, keep_days=args.keep_days, tls=check_tls(args.tls_cert, args.tls_key, args.tls_ca),
         weights=args.weights, weights_convention=args.weights_convention, device=args.device, backend=args.backend,

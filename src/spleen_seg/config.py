@@ -49,7 +49,7 @@ class InferenceConfig:
     overlap: float = 0.5
     sw_batch_size: int = 4
     # spleen-seg's own inference (not the bundle's) computes only the windows within this
-    # many voxels of where a survey of windows finds spleen (pipeline/windows.py).
+    # many voxels of a voxel some computed window calls spleen (pipeline/windows.py).
     focus_radius: int | None = 8
     # The survey sees every voxel at least this many voxels inside one of its windows, so
     # an object near a window edge is also seen whole (at most half the overlap, 24).

@@ -57,3 +57,7 @@ class NodeError(SpleenSegError):
 
 class ResourceError(SpleenSegError):
     """A case needs more memory than is free; the message names what it needs and what is free."""
+
+
+class ForeignOutputError(ConfigError):
+    """An output path holds something spleen-seg did not write, or a review: it is left as it was."""

@@ -1,5 +1,6 @@
 """``spleen-seg segment`` over batches that must not break (issue 7, items 3 and 4): a fuzz batch
-of corrupted NIfTI and DICOM inputs, a batch killed with SIGKILL and run again, Ctrl-C."""
+of corrupted NIfTI and DICOM inputs, a batch killed with SIGKILL and run again, Ctrl-C; and
+(issue 15) output folders that hold someone else's files, file names that are TeX or formulas."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from corrupt_inputs import corrupt_dicom_folders, corrupt_nifti_files
+from file_tree import tree
+from matplotlib import image as mpimg
 from phantoms import save_nifti, small_phantom
 
+from spleen_seg.batch.summary import read_summary
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.training.evaluate import dice
 
@@ -35,6 +39,8 @@ WAIT_S = 180
 POLL_S = 0.05
 # Skipping every case reads reports and hashes inputs; it must cost far less than computing.
 MAX_SKIP_ALL_FRACTION = 0.5
+# preview.png: 13.5 x 5 inches at 100 dpi, RGBA.
+PREVIEW_SHAPE = (500, 1350, 4)
 ERROR_LINE = re.compile(r"^error: (?P<source>.+?): (?P<what>.+) \((?P<type>\w+)\)$")
 
 
@@ -226,3 +232,137 @@ def test_ctrl_c_exits_130_with_the_summary_of_what_finished(batch_inputs, tmp_pa
     interrupted = [row for row in rows if row["status"] == "interrupted"]
     assert [row["case"] for row in rows] == done + [row["case"] for row in interrupted] and len(interrupted) <= 1
     assert all(row["case"] not in finished for row in interrupted)
+
+
+# ----------------------------------------------------------------------------- folders that are not ours
+
+
+NOT_OURS = "exists and was not written by spleen-seg; it is left as it is: move it away, or choose another output folder (-o)"
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_manifest_into_its_own_data_folder_leaves_the_data_byte_for_byte(tmp_path, tail):
+    """-o is the data folder and the case ids are the patients' folders: nothing of theirs is replaced or removed."""
+    data = tmp_path / "data"
+    case = small_phantom(1, "RAS")
+    save_nifti(case.image_hu.astype(np.int16), case.affine, data / "p1" / "ct.nii.gz")
+    (data / "p1" / "notes.txt").write_text("the patient's notes\n")
+    save_nifti(case.spleen_mask.astype(np.uint8), case.affine, data / "p2" / "labels.nii.gz")
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,case_id\np1/ct.nii.gz,p1\np2/missing.nii.gz,p2\n")
+    before = tree(data)
+    proc, _ = run([*CLI, "segment", "--manifest", str(manifest), "-o", str(data), "--weights",
+                   str(demo_weights_path()), "-q"])
+    assert proc.returncode == EXIT_FAILED, tail(proc)
+    assert error_lines(proc) == [
+        f"error: {data / 'p1' / 'ct.nii.gz'}: output folder {data / 'p1'} {NOT_OURS} (ForeignOutputError)",
+        f"error: {data / 'p2' / 'missing.nii.gz'}: output folder {data / 'p2'} {NOT_OURS} (ForeignOutputError)"]
+    after = tree(data)
+    assert {name: after.get(name) for name in before} == before  # every file and folder as it was
+    assert sorted(set(after) - set(before)) == ["index.html", "summary.csv"]
+    assert [(row["case"], row["status"]) for row in summary(data)] == [("p1", "failed"), ("p2", "failed")]
+
+
+def test_segment_beside_someone_elses_folder_of_the_case_name(tmp_path, tail):
+    case = small_phantom(1, "RAS")
+    scan = save_nifti(case.image_hu.astype(np.int16), case.affine, tmp_path / "x.nii.gz")
+    (tmp_path / "dir" / "x").mkdir(parents=True)
+    (tmp_path / "dir" / "x" / "thesis.tex").write_text("\\chapter{one}\n")
+    before = tree(tmp_path / "dir" / "x")
+    for extra in ([], ["--overwrite"]):
+        proc, _ = run([*segment_args([scan], tmp_path / "dir"), *extra])
+        assert proc.returncode == EXIT_FAILED, tail(proc)
+        assert error_lines(proc) == [f"error: {scan}: output folder {tmp_path / 'dir' / 'x'} {NOT_OURS} "
+                                     "(ForeignOutputError)"]
+        assert tree(tmp_path / "dir" / "x") == before
+
+
+def test_file_names_that_are_tex_or_formulas_segment_and_read_back(tmp_path, tail):
+    """A "$" name once failed its preview (mathtext); "=1+2" must not become a formula in summary.csv."""
+    case = small_phantom(1, "RAS")
+    names = ["scan$\\foo$", "=1+2"]
+    for name in names:
+        save_nifti(case.image_hu.astype(np.int16), case.affine, tmp_path / f"{name}.nii.gz")
+    args = [*CLI, "segment", *(f"{name}.nii.gz" for name in names), "-o", "out", "--weights",
+            str(demo_weights_path()), "-q"]
+    first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
+    assert first.returncode == 0, tail(first)
+    out = tmp_path / "out"
+    for name in names:
+        assert mpimg.imread(out / name / "preview.png").shape == PREVIEW_SHAPE, name
+    raw = list(csv.reader((out / "summary.csv").open(newline="")))[1:]
+    assert [row[:3] for row in raw] == [["scan$\\foo$", "scan$\\foo$.nii.gz", "ok"], ["'=1+2", "'=1+2.nii.gz", "ok"]]
+    assert "\n\"'=1+2\",\"'=1+2.nii.gz\",\"ok\"," in (out / "summary.csv").read_text()
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
+    assert again.returncode == 0, tail(again)
+    assert again.stdout.splitlines() == [f"skipped, already done: {name}" for name in names]
+    rows = read_summary(out / "summary.csv")
+    assert [(row["case"], row["source"], row["status"], row["reused"]) for row in rows] == [
+        (name, f"{name}.nii.gz", "ok", "yes") for name in names]
+# ----------------------------------------------------------------------------- decompression bombs
+
+# 40 Deflated CT slices of 8192 x 8192 zeros: 5 MB on disk, 5.4 GB inflated, ~15 GB to segment.
+BOMB_FILES = 40
+# The memory the case may use, whatever this machine has free: the refusal must not depend on it.
+BOMB_MEMORY_LIMIT = "4G"
+MIB = 1 << 20
+BOMB_MAX_RSS = 400 * MIB  # refused from headers: the process's own baseline, about 220 MiB here
+BOMB_KILL_ABOVE = 1536 * MIB  # before the fix the run grows ~700 MiB a file: stopped here instead
+BOMB_ERROR = re.compile(r"series \S+ in (?P<folder>\S+): needs ~[\d.]+ GB of memory \(its 8192x8192x40 voxels, "
+                        r"\d+x\d+x40 after resampling, peak at \w+\), [\d.]+ GB free: free memory or run it on a larger "
+                        r"machine \(ResourceError\)$")
+
+
+def run_bombs(inputs: list[Path], out: Path):
+    """The batch with the memory limit, measured; the CPU backend's model exported first (once per
+    session), so that the peak is the batch's, not the one-off export's (about 780 MiB)."""
+    from child_rss import run_measured
+    from node_harness import warm_model_cache
+
+    warm_model_cache()
+    return run_measured(segment_args(inputs, out), cwd=REPO, kill_above_bytes=BOMB_KILL_ABOVE, timeout_s=WAIT_S,
+                        env={**os.environ, "SPLEEN_SEG_MEMORY_LIMIT": BOMB_MEMORY_LIMIT})
+
+
+def test_a_deflated_bomb_series_is_refused_before_it_inflates(tmp_path):
+    """Discovery reads each header without inflating its pixels, and the series is refused from
+    its headers' estimate; the peak RSS of the whole run is measured (os.wait4)."""
+    from synthetic_dicom import write_deflated_bomb_series
+
+    paths = write_deflated_bomb_series(tmp_path / "bombs", BOMB_FILES)
+    assert sum(p.stat().st_size for p in paths) < 6_000_000
+    out = tmp_path / "out"
+    run = run_bombs([tmp_path / "bombs"], out)
+    assert not run.killed, f"killed at {run.peak_rss_bytes / MIB:.0f} MiB: the bombs were inflated"
+    assert run.returncode == EXIT_FAILED, run.stderr[-3000:]
+    assert run.peak_rss_bytes < BOMB_MAX_RSS, f"peak RSS {run.peak_rss_bytes / MIB:.0f} MiB"
+    assert "Traceback" not in run.stderr
+    (row,) = summary(out)
+    assert row["status"] == "failed" and BOMB_ERROR.search(row["error"]), row
+    assert case_folders(out) == [] and work_folders(out) == []
+    print(f"\n{BOMB_FILES} bomb files: exit {run.returncode}, {run.seconds:.1f} s, peak RSS "
+          f"{run.peak_rss_bytes / MIB:.0f} MiB")
+
+
+def test_a_bomb_series_fails_alone_beside_a_good_nifti(phantom, write_nifti, tmp_path):
+    from synthetic_dicom import write_deflated_bomb_series
+
+    good_case = phantom(1, "RAS")
+    good = write_nifti(good_case.image_hu.astype(np.int16), good_case.affine, tmp_path / "good.nii.gz")
+    write_deflated_bomb_series(tmp_path / "bombs", BOMB_FILES)
+    out = tmp_path / "out"
+    run = run_bombs([tmp_path / "bombs", good], out)
+    assert not run.killed, f"killed at {run.peak_rss_bytes / MIB:.0f} MiB: the bombs were inflated"
+    assert run.returncode == EXIT_FAILED, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    by_source = {row["source"]: row for row in summary(out)}
+    assert by_source[str(good)]["status"] == "ok"
+    assert dice(mask(out, by_source[str(good)]["case"]), good_case.spleen_mask) >= MIN_DICE
+    bomb_row = by_source[str(tmp_path / "bombs")]
+    assert bomb_row["status"] == "failed" and BOMB_ERROR.search(bomb_row["error"]), bomb_row
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bomb_row['error']}"]
+    assert case_folders(out) == [by_source[str(good)]["case"]]

@@ -178,7 +178,9 @@ def test_train_then_resume(phantom_dataset, run_command, tail, tmp_path):
     assert line is not None and line["epoch"] == "1/1" and line["remaining"] == "0:00:00", tail(proc)
     assert float(line["dice"]) == pytest.approx(float(best.group(1)), abs=1e-4)
     models = root / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "resume_checkpoint_epoch=1.pt"]
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "model.pt.json", "resume_checkpoint_epoch=1.pt"]
+    # The recipe mirrors nothing: the weights' record says so, and plain --tta is refused for them.
+    assert json.loads((models / "model.pt.json").read_text()) == {"trained_with_flips": False, "safe_tta_axes": ""}
     # The run records the configuration it ran: the generated bundle, byte for byte.
     for name in ("train.json", "metadata.json", "evaluate.json"):
         assert (root / "configs" / name).read_bytes() == (REPO / "configs" / name).read_bytes(), name
@@ -216,7 +218,8 @@ def test_train_shorter_than_one_validation_interval(phantom_dataset, run_command
     unvalidated = (root / "models" / "model_unvalidated.pt").resolve()
     assert (f"training ended after epoch 1 of 1, before its first validation (every 2 epochs): no validated weights; "
             f"the last weights, NOT validated, are in {unvalidated}") in proc.stderr, tail(proc)
-    assert sorted(p.name for p in (root / "models").iterdir()) == ["model_unvalidated.pt", "resume_checkpoint_epoch=1.pt"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["model_unvalidated.pt", "model_unvalidated.pt.json",
+                                                                   "resume_checkpoint_epoch=1.pt"]
     # They are the network as it ended: the every-epoch checkpoint's model.
     saved = torch.load(unvalidated, map_location="cpu", weights_only=True)
     last = torch.load(root / "models" / "resume_checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)["model"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from shared_data import REAL_CT, YARDSTICK
 
+from spleen_seg.batch.ownership import MARKER_FILENAME
 from spleen_seg.cli import main
 from spleen_seg.pipeline.network import demo_weights_path
 from spleen_seg.training.phantom import make_phantom
@@ -69,7 +70,7 @@ def dicom_run(tmp_path_factory):
 def test_dicom_writes_seg_nifti_report_preview_stl(dicom_run):
     out, case = dicom_run
     assert case.name.startswith("dicom_series_")
-    assert sorted(p.name for p in case.iterdir()) == ["preview.png", "preview_thumb.jpg", "report.json",
+    assert sorted(p.name for p in case.iterdir()) == [MARKER_FILENAME, "preview.png", "preview_thumb.jpg", "report.json",
                                                       "spleen.nii.gz", "spleen.stl", "spleen_seg.dcm"]
     data = report(out, case.name)
     mask = np.asarray(nib.load(str(case / "spleen.nii.gz")).dataobj)

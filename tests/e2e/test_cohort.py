@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci import in_ci
 from PIL import Image
 
 from spleen_seg.batch.summary import SummaryRow, write_page
@@ -118,7 +119,7 @@ def test_bad_manifest_and_part_flags_fail_before_any_model_loads(cohort, run_com
 def chromium(args: list[str], url: str, profile: Path) -> subprocess.CompletedProcess:
     """Run headless Chromium on ``url`` with a fresh profile; killed (its process group) at the timeout."""
     if shutil.which(CHROMIUM) is None:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(f"{CHROMIUM} not found: .ci/run installs the Debian package chromium")
         pytest.skip(f"{CHROMIUM} not found (Debian package chromium)")
     proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],

@@ -15,6 +15,7 @@ import pytest
 from synthetic_dicom import write_phantom_series
 
 from spleen_seg.pipeline.network import demo_weights_path
+from spleen_seg.pipeline.tta import FLAG_TTA_UNTRAINED
 from spleen_seg.training.evaluate import dice
 
 CLI = [sys.executable, "-m", "spleen_seg.cli"]
@@ -38,6 +39,10 @@ def test_segment_with_flip_tta_records_the_disagreement_score(phantom, write_nif
     assert 0 <= quality["disagreeing_voxels"] <= quality["unsure_voxels"]
     assert 0.0 <= quality["score"] < 1.0 and quality["region_voxels"] > 1000
     assert report["identity"]["options"]["tta_axes"] == "z"
+    # The demo weights were trained without flips (no record says otherwise): named axes run, with a warning.
+    (warning,) = [w for w in report["warnings"] if w.startswith(FLAG_TTA_UNTRAINED)]
+    assert f"flip TTA along z, but {demo_weights_path()} were not trained with flips" in warning
+    assert f"warning: scan: {warning}" in proc.stderr.splitlines()
     mask = np.asarray(nib.load(str(out / "scan" / "spleen.nii.gz")).dataobj)
     assert dice(mask, case.spleen_mask) >= MIN_DICE
     with (out / "summary.csv").open(newline="") as f:
@@ -48,6 +53,22 @@ def test_segment_with_flip_tta_records_the_disagreement_score(phantom, write_nif
     proc = run_command([*CLI, "segment", str(scan), "-o", str(out), *WEIGHTS, "-q"])
     assert proc.returncode == 0 and "skipped" not in proc.stdout, tail(proc)
     assert json.loads((out / "scan" / "report.json").read_text())["quality"]["method"] == "margin"
+
+
+@pytest.mark.parametrize("command", ["segment", "compare"])
+def test_plain_tta_is_refused_in_one_line_before_any_model_loads(command, phantom, write_nifti, run_command, tail,
+                                                                 tmp_path):
+    case = phantom(PRIOR_SEED, "RAS")
+    scan = write_nifti(case.image_hu.astype(np.int16), case.affine, tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    inputs = [str(scan)] if command == "segment" else [str(scan), str(scan)]
+    start = time.monotonic()
+    proc = run_command([*CLI, command, *inputs, "-o", str(out), *WEIGHTS, "--tta", "-q"])
+    assert proc.returncode == 2, tail(proc)
+    assert time.monotonic() - start < REFUSAL_MAX_S and not out.exists()
+    (line,) = [line for line in proc.stderr.splitlines() if "Warning" not in line]
+    assert line.startswith(f"error: --tta refused: {demo_weights_path()} were not trained with flips (no record")
+    assert "--tta-axes" in line
 
 
 def test_compare_two_dicom_phantoms(phantom, run_command, tail, tmp_path):

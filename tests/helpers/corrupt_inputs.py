@@ -14,9 +14,11 @@ on a branch without it.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,46 @@ DICOM_KINDS = ("header_byte", "data_bytes", "truncate")
 # Of every five rounds of DICOM_KINDS, four are one damaged slice alone in its folder, one a
 # series with one damaged slice.
 DICOM_ALONE_EVERY = 5
+
+
+# Decompression bombs: zeros compressed once per step and repeated as further members of
+# one stream (gzip and bzip2 readers continue across members), so a bomb of hundreds of MB
+# is written in a fraction of a second.
+BOMB_STEP_BYTES = 32 << 20
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress}
+NIFTI_EXTENSION_FLAG = b"\x01\x00\x00\x00"
+EXTENSION_HEAD = struct.Struct("<ii")  # esize, ecode
+# An extension's size rounded up to this: a multiple of 16 (as NIfTI asks) that keeps
+# vox_offset (352 + esize, a float32) exact up to 1 GiB.
+EXTENSION_ALIGN_BYTES = 64
+
+
+def write_compressed_zeros_after(path: Path, head: bytes, zero_bytes: int) -> Path:
+    """``head`` then ``zero_bytes`` zeros, compressed by ``path``'s suffix (.gz or .bz2) as several members."""
+    compress = COMPRESSORS[path.suffix]
+    steps, rest = divmod(zero_bytes, BOMB_STEP_BYTES)
+    step = compress(bytes(BOMB_STEP_BYTES)) if steps else b""
+    path.write_bytes(compress(head) + step * steps + compress(bytes(rest)))
+    return path
+
+
+def write_nifti_extension_bomb(path: Path, extension_bytes: int) -> Path:
+    """A small valid CT whose header carries one extension of about ``extension_bytes`` zeros (.nii.gz or .nii.bz2).
+
+    The header is consistent (vox_offset after the extension, the voxels after it): what
+    a reader must refuse is the extension's size, which nibabel reads whole.
+    """
+    image = nib.Nifti1Image(ct_like(NIFTI_SHAPE, 0), np.diag([*NIFTI_SPACING_MM, 1.0]))
+    header = image.header
+    esize = -(-(EXTENSION_HEAD.size + extension_bytes) // EXTENSION_ALIGN_BYTES) * EXTENSION_ALIGN_BYTES
+    header["vox_offset"] = NIFTI_HEADER_BYTES + len(NIFTI_EXTENSION_FLAG) + esize
+    head = header.binaryblock + NIFTI_EXTENSION_FLAG + EXTENSION_HEAD.pack(esize, 0)
+    voxels = np.asarray(image.dataobj).tobytes(order="F")
+    compress = COMPRESSORS[path.suffix]
+    write_compressed_zeros_after(path, head, esize - EXTENSION_HEAD.size)
+    with path.open("ab") as handle:
+        handle.write(compress(voxels))
+    return path
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from ci import in_ci
 from pydicom.uid import generate_uid
 from synthetic_dicom import write_series
 
@@ -70,7 +71,7 @@ def need_binaries(*names: str) -> None:
     if not missing:
         return
     message = f"not installed: {', '.join(missing)} (Debian packages dcmtk, orthanc, orthanc-dicomweb; see .ci/run)"
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(message)
     pytest.skip(message)
 
@@ -162,6 +163,53 @@ class Node(Process):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmHWM in /proc status")
+
+    def rss_bytes(self) -> int:
+        """The process's resident set now (psutil)."""
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+
+def make_tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM), made by openssl; it also serves as
+    the CA (``--tls-ca``) and as the client's certificate."""
+    need_binaries("openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=COMMAND_TIMEOUT_S)
+    return cert, key
+
+
+def tls_echo(port: int, cert: Path, key: Path, timeout_s: float, called: str = NODE_AE):
+    """A C-ECHO over TLS with a client certificate (pynetdicom); returns (status or None, seconds taken)."""
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    context.load_cert_chain(str(cert), str(key))
+    ae = AE(ae_title="TLSECHO")
+    # connection_timeout bounds the TCP connect and the TLS handshake (pynetdicom's default: none).
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(context, "127.0.0.1"))
+    status = None
+    if assoc.is_established:
+        status = int(assoc.send_c_echo().Status)
+        assoc.release()
+    return status, time.monotonic() - started
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes | None, int]]:
+    """Every path under ``root`` (itself included): mode, content (files), modification time in ns."""
+    paths = [root, *sorted(root.rglob("*"))]
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in paths}
 
 
 def jobs_of(spool: Path) -> list[dict[str, Any]]:

@@ -5,9 +5,12 @@ series' mask on our grid."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import struct
 import subprocess
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +18,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from ci import in_ci
 from nibabel.orientations import io_orientation, ornt_transform
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     GrayscaleSoftcopyPresentationStateStorage,
     MRImageStorage,
@@ -44,7 +51,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         message = f"{name} not installed (Debian packages: dcmtk, dcm2niix, dicom3tools, libgdcm-tools; see .ci/run)"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return path
@@ -59,6 +66,20 @@ def run_tool(args: Sequence[str | Path]) -> str:
 
 def random_volume(shape=(6, 5, 4), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-1000, 1500, size=shape).astype(np.float32)
+
+
+def _slice_geometry(ds: Dataset, k: int, position: np.ndarray, orientation, spacing, rows: int, columns: int,
+                    intercept: float, slope: float) -> None:
+    """The attributes of slice ``k`` of an axial-series CT image: position, grid, pixel format, rescale."""
+    ds.InstanceNumber = k + 1
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows, between columns)
+    ds.SliceThickness = spacing[2]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, slope, "HU"
 
 
 def write_series(folder: Path, hu: np.ndarray, *, modality="CT", series_uid=None, study_uid="1.2.3.4",
@@ -79,16 +100,8 @@ def write_series(folder: Path, hu: np.ndarray, *, modality="CT", series_uid=None
     for k in range(hu.shape[2]):
         position = np.asarray(origin) + (positions[k] if positions is not None else k * spacing[2]) * normal
         ds = _base_dataset(sop_class, modality, series_uid, study_uid, description, series_number)
-        ds.InstanceNumber = k + 1
         ds.ImageType = list(image_type)
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows, between columns)
-        ds.SliceThickness = spacing[2]
-        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, slope, "HU"
+        _slice_geometry(ds, k, position, orientation, spacing, hu.shape[1], hu.shape[0], intercept, slope)
         for keyword, value in (extra or {}).items():
             setattr(ds, keyword, value)
         ds.PixelData = np.round((hu[:, :, k].T - intercept) / slope).astype(np.uint16).tobytes()
@@ -197,6 +210,67 @@ def write_headless(source: Path, dest: Path, *, file_meta: bool = True) -> Path:
         del ds.file_meta
         ds.save_as(dest, enforce_file_format=False, implicit_vr=True, little_endian=True)
     return dest
+
+
+# --- decompression bombs ---------------------------------------------------------------------
+
+# Explicit VR little endian element header of PixelData (7FE0,0010) OW with a 4-byte length.
+PIXEL_DATA_HEADER = struct.Struct("<HH2s2xI")
+
+
+def _raw_deflate(data: bytes, *, final: bool) -> bytes:
+    """``data`` as raw deflate blocks (no zlib header): the last block final, else ending on a byte
+    boundary (sync flush), so that a final stream can follow it as the rest of one deflate stream."""
+    packer = zlib.compressobj(zlib.Z_BEST_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
+@functools.lru_cache(maxsize=4)
+def _deflated_zeros(count: int) -> bytes:
+    return _raw_deflate(bytes(count), final=True)
+
+
+def write_deflated(path: Path, ds: Dataset, zero_bytes: int, *, declared_bytes: int | None = None) -> Path:
+    """``ds`` (without PixelData) and a PixelData of ``zero_bytes`` zeros as a Deflated Explicit VR
+    Little Endian file; the element declares ``declared_bytes`` (default: what it holds).
+
+    The zeros are deflated once per size and appended to the file's own deflated header (a
+    sync-flushed deflate stream may be continued by another's blocks), so that hundreds of
+    such files are written in about a second.
+    """
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    element = PIXEL_DATA_HEADER.pack(0x7FE0, 0x0010, b"OW", zero_bytes if declared_bytes is None else declared_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + _raw_deflate(header.getvalue() + element, final=False)
+                     + _deflated_zeros(zero_bytes))
+    return path
+
+
+def write_deflated_bomb_series(folder: Path, count: int, *, rows: int = 8192, columns: int = 8192,
+                               spacing=(0.1, 0.1, 2.0), zero_bytes: int | None = None,
+                               declared_bytes: int | None = None) -> list[Path]:
+    """``count`` Deflated CT slices of ``rows`` x ``columns`` 16-bit zeros, one series (``write_deflated``).
+
+    8192 x 8192 zeros (128 MiB) deflate to about 128 KiB a file: a decompression bomb that
+    is still a valid DICOM file. ``zero_bytes`` and ``declared_bytes`` make the pixel data
+    hold, and its element declare, another size than the header's rows and columns.
+    """
+    series_uid = generate_uid()
+    paths = []
+    for k in range(count):
+        ds = _base_dataset(CTImageStorage, "CT", series_uid, "1.2.3.4", "bomb", 3)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        _slice_geometry(ds, k, np.array([0.0, 0.0, k * spacing[2]]), AXIAL, spacing, rows, columns, -1024.0, 1.0)
+        paths.append(write_deflated(folder / f"bomb_{k:04d}.dcm", ds,
+                                    rows * columns * 2 if zero_bytes is None else zero_bytes,
+                                    declared_bytes=declared_bytes))
+    return paths
 
 
 # --- transfer syntaxes ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ checks its bookkeeping (resume, parts, summaries) in well under a second, and sp
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -35,3 +36,20 @@ def sphere(path: Path, radius_vox: float, shape=(24, 22, 16)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
     return path
+
+
+def sphere_batch(folder: Path, cases: tuple[str, ...] = ("a", "b", "c")) -> SimpleNamespace:
+    """Sphere inputs of radii 4, 5, 6... voxels named after ``cases``, stand-in weights and an output folder."""
+    inputs = [sphere(folder / f"{case}.nii.gz", radius) for radius, case in enumerate(cases, start=4)]
+    weights = folder / "weights.pt"
+    weights.write_bytes(b"stand-in weights")
+    return SimpleNamespace(inputs=inputs, weights=weights, out=folder / "out")
+
+
+def run_batch(batch: SimpleNamespace, **kwargs):
+    """``segment_files`` over a :func:`sphere_batch` on the CPU, without previews unless ``options`` says."""
+    from spleen_seg.batch.case import SegmentOptions
+    from spleen_seg.batch.run import segment_files
+
+    kwargs.setdefault("options", SegmentOptions(preview=False))
+    return segment_files(batch.inputs, batch.out, batch.weights, "cpu", progress=False, **kwargs)

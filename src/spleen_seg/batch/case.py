@@ -21,6 +21,7 @@ import numpy as np
 
 from spleen_seg import __version__
 from spleen_seg.batch.inputs import FailedInput, InputItem, input_case_id, input_source, load_input
+from spleen_seg.batch.ownership import check_file, check_folder, new_work_folder, remove_folder
 from spleen_seg.config import RECIPE
 from spleen_seg.errors import SpleenSegError, library_message
 from spleen_seg.io.atomic import atomic_write_text
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 MASK_FILENAME = "spleen.nii.gz"
 RUN_INFO_FILENAME = "run_info.json"
+# Every version wrote run_info.json as indented JSON with this key first: how it is recognised.
+RUN_INFO_HEAD = b'{\n  "spleen_seg_version": '
 SEG_FILENAME = "spleen_seg.dcm"
 STL_FILENAME = "spleen.stl"
 ALGORITHM_NAME = "spleen-seg"
@@ -66,6 +69,9 @@ class SegmentOptions:
     weights_convention: str | None = None
     # Flip TTA over these axes of the RAS grid ("xyz", "xy"...; "" = none): pipeline/tta.py.
     tta_axes: str = ""
+    # False when ``tta_axes`` is only --tta's default (all three): refused on weights not
+    # trained with flips, where named axes run with a warning (tta.check_tta_axes).
+    tta_axes_explicit: bool = True
 
 
 @dataclass
@@ -134,7 +140,13 @@ def write_run_info(out_dir: Path, weights: Path, device: str, backend: str, inpu
         "recipe": asdict(RECIPE),
         "inputs": [_describe_input(p) for p in inputs],
     }
+    check_run_info(out_dir)
     atomic_write_text(out_dir / RUN_INFO_FILENAME, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def check_run_info(out_dir: Path) -> None:
+    """Raise ``ForeignOutputError`` when ``out_dir`` holds a ``run_info.json`` that spleen-seg did not write."""
+    check_file(out_dir / RUN_INFO_FILENAME, lambda head: head.startswith(RUN_INFO_HEAD), f"a {RUN_INFO_FILENAME}")
 
 
 def _describe_input(item: InputItem) -> str:
@@ -248,7 +260,9 @@ def finish_case(job: CaseJob, segmenter: Segmenter) -> CaseResult:
                     result = _measure_and_write(job, mask, array, geometry, prepared.warnings, work_dir,
                                                 prepared.quality)
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            kept = remove_folder(work_dir, work=True)  # gone once published; kept when it is not ours
+            if kept is not None and work_dir.exists():
+                logger.debug("left %s: %s", work_dir, kept)
     job.array = job.prepared = None
     if result is None:
         return CaseResult(source=job.path, error=job.error, case=job.case, status="failed", seconds=_work_seconds(job))
@@ -282,7 +296,7 @@ def _measure_and_write(job: CaseJob, mask: np.ndarray, array: np.ndarray, geomet
     report.quality = None if quality is None else quality.as_dict()
     report.identity = dict(job.identity)
     lap("measure")
-    shutil.rmtree(work_dir, ignore_errors=True)
+    new_work_folder(work_dir)
     outputs = _write_outputs(mask, array, geometry, job.source, work_dir, report, job.options, lap)
     report.outputs = {name: str(case_dir / dest.name) for name, dest in outputs.items()}
     report.timings_s = {**job.timings, "total": _work_seconds(job)}
@@ -317,26 +331,36 @@ def segment_one(segmenter: Segmenter, source: InputItem, out_dir: Path, *, case:
 
 
 def _publish(work_dir: Path, case_dir: Path) -> None:
-    """Replace ``case_dir`` by the finished ``work_dir`` (an earlier run's folder is removed)."""
-    if case_dir.exists():
-        stale = case_dir.with_name(f".{case_dir.name}{OLD_MARK}{os.getpid()}")
-        os.replace(case_dir, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    """Replace ``case_dir`` by the finished ``work_dir``: an earlier run's folder is removed, but
+    anything else there (not spleen-seg's, or holding a review) raises ``ForeignOutputError``
+    and stays as it is (``batch.ownership``)."""
+    check_folder(case_dir)
+    if not os.path.lexists(case_dir):
+        os.replace(work_dir, case_dir)
+        return
+    stale = case_dir.with_name(f".{case_dir.name}{OLD_MARK}{os.getpid()}")
+    os.replace(case_dir, stale)
     os.replace(work_dir, case_dir)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def remove_stale_work_dirs(out_dir: Path) -> list[Path]:
     """Remove the hidden work folders (``.<case>.partial-<pid>``, ``.<case>.old-<pid>``) of dead processes.
 
     A run killed with SIGKILL leaves its current case's work folder behind; folders of a
-    process still running (another batch writing here) are kept. Returns what was removed.
+    process still running (another batch writing here) are kept, and so is a folder of that
+    name that spleen-seg cannot recognise as its own or that holds a review (logged).
+    Returns what was removed.
     """
     removed = []
     for path in out_dir.glob(".*"):
         match = WORK_DIR_NAME.match(path.name)
-        if match and path.is_dir() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if match and not path.is_symlink() and path.is_dir() and not _process_alive(int(match.group(1))):
+            kept = remove_folder(path, work=True)
+            if kept is None:
+                removed.append(path)
+            else:
+                logger.warning("left %s, named like a work folder of a killed run: %s", path, kept)
     return removed
 
 

@@ -103,6 +103,7 @@ def compare_followup(prior: str | Path, current: str | Path, out_dir: Path, weig
     scan cannot be read or segmented.
     """
     from spleen_seg.batch.run import segment_files
+    from spleen_seg.pipeline.tta import FLAG_TTA_UNTRAINED
 
     items = [_single_input(prior, "prior"), _single_input(current, "current")]
     patients = [_patient(item) for item in items]
@@ -111,6 +112,9 @@ def compare_followup(prior: str | Path, current: str | Path, out_dir: Path, weig
     results = segment_files(items, out_dir, weights, device, backend=backend, progress=progress, options=options,
                             overwrite=overwrite, cases=list(ROLES))
     sides = [_side(role, result, patient) for role, result, patient in zip(ROLES, results, patients, strict=True)]
+    # TTA on axes the weights were not trained on: the warning both reports hold, said once here.
+    warnings += sorted({w for r in results if r.report is not None for w in r.report.warnings
+                        if w.startswith(FLAG_TTA_UNTRAINED)})
     comparison = compare_scans(sides[0], sides[1], check, warnings, growth_threshold_percent)
     json_path = write_comparison(comparison, out_dir / COMPARE_FILENAME)
     scans = []

@@ -304,20 +304,24 @@ def _assign_ids(bases: Sequence[str], chosen: Sequence[bool], reserved: frozense
 def load_input(source: InputItem) -> tuple[np.ndarray, Geometry]:
     """(X, Y, Z) float32 HU and geometry of a NIfTI file or a DICOM series; a failed input raises its error.
 
-    A NIfTI case whose estimated peak (``pipeline.memory``) does not fit in the memory
-    free now is refused before its voxels are read (``ResourceError``, naming both).
+    A case whose estimated peak (``pipeline.memory``) does not fit in the memory free now
+    is refused from its headers, before its voxels are read (``ResourceError``, naming
+    both): a NIfTI file's header, a DICOM series' headers (a Deflated file's read only as
+    far as its pixel data).
     """
     if isinstance(source, FailedInput):
         raise source.error
-    if isinstance(source, Path):
-        from spleen_seg.pipeline.memory import available_bytes, require_case_memory
+    from spleen_seg.pipeline.memory import available_bytes, require_case_memory
 
+    if isinstance(source, Path):
         geometry = read_geometry(source)
         require_case_memory(geometry.shape, geometry.affine_ras, source, volume_loaded=False)
         return read_volume(source, max_bytes=available_bytes())
     from spleen_seg.io.dicom_volume import read_series
 
-    return read_series(source)
+    series = source
+    return read_series(series, check_geometry=lambda declared: require_case_memory(
+        declared.shape, declared.affine_ras, series.label, volume_loaded=False))
 
 
 def input_header_geometry(source: InputItem) -> tuple[tuple[int, int, int], np.ndarray | tuple[float, ...]] | None:
@@ -329,9 +333,9 @@ def input_header_geometry(source: InputItem) -> tuple[tuple[int, int, int], np.n
         if isinstance(source, Path):
             geometry = read_geometry(source)
             return geometry.shape, geometry.affine_ras
-        import pydicom
+        from spleen_seg.io.dicom_files import read_dataset
 
-        first = pydicom.dcmread(source.files[0], stop_before_pixels=True, force=True)
+        first = read_dataset(source.files[0], stop_before_pixels=True)  # a Deflated file: its header alone
         frames = int(first.get("NumberOfFrames", 0) or 0) if source.multiframe else 0
         row_mm, column_mm = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
         slice_mm = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)

@@ -18,6 +18,21 @@ The stages are the local batch's functions, so the outputs are the same files. I
 outputs and weights must be at the same paths on every node (a shared filesystem, as
 cohorts usually are), with the same spleen-seg version installed on every node.
 
+Cluster shapes: the actors reserve CPUs (or GPUs) and every case task one CPU. When the
+cluster leaves no CPU for a case task beside the actors (nodes of one CPU each: the actor
+takes it), the actors read, segment and write their cases themselves (``segment_case``,
+the plain ``segment_one``) instead of waiting forever for a task slot; a cluster without
+a CPU for an actor on a CPU plan, or too small for the actors asked for, is refused at
+start. A run that makes no progress for ``RaySettings.stall_seconds`` says on stderr what
+it waits for (each stage's cases, the actors' and tasks' resource demands, the cluster's
+free and total resources) and says it again at that interval; it keeps waiting (the plan
+and the stall watch: ``batch.ray_cluster``).
+
+Signals: ``ray.init`` replaces the process's SIGTERM handling (a Python handler that exits
+with status 15, and the core worker's failure-signal handler that prints a native stack
+dump); the driver restores the handler it had, so SIGTERM stops a ``--ray`` run like the
+local batch's (the summary with the cases in flight ``interrupted``, exit 143).
+
 Faults: a bad file fails its case inside the tasks (``batch.case`` turns any exception
 into a failed result) and the job goes on. A task whose worker dies (killed, node lost,
 out of memory) is retried by Ray up to ``max_retries`` times (its inputs rebuilt from
@@ -39,8 +54,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +70,22 @@ from spleen_seg.batch.case import (
     finish_case,
     model_record,
     read_case,
+    segment_one,
     start_case,
     write_run_info,
 )
 from spleen_seg.batch.inputs import InputItem, input_source
+from spleen_seg.batch.ray_cluster import (
+    CASE_TASK_CPUS,
+    ActorPlan,
+    RaySettings,
+    StallWatch,
+    actor_plan,
+    demand_text,
+    in_flight_text,
+    resources_text,
+    wait_ready,
+)
 from spleen_seg.batch.resume import case_identity, input_sha256
 from spleen_seg.errors import ConfigError, ResourceError
 
@@ -72,25 +101,9 @@ RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
 # Cases in flight per inference actor: one computing, one with its image ready.
 CASES_PER_ACTOR = 2
-ACTOR_CPUS = 1
-CASE_TASK_CPUS = 1
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    """How ``segment --ray`` uses the cluster.
-
-    ``address``: a running cluster (``host:port``, ``ray://host:port`` or ``auto``); None
-    starts a local instance for this run. ``gpus_per_actor``: the GPU share of each
-    inference actor on GPU nodes (0.5: two actors per GPU). ``actors``: how many inference
-    actors (None: one per GPU share on GPU clusters, one per node otherwise).
-    ``max_retries``: how often a case survives the death of its worker or its actor.
-    """
-
-    address: str | None = None
-    gpus_per_actor: float = 1.0
-    actors: int | None = None
-    max_retries: int = 3
+# After Ctrl-C/SIGTERM, how long the driver waits to learn which cases in flight finished
+# before it stopped them (the others are recorded as interrupted).
+INTERRUPT_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,22 +120,29 @@ class RayCase:
 
 def segment_on_ray(cases: list[RayCase], out_dir: Path, weights: Path, device: str, *, backend: str,
                    options: SegmentOptions, convention: str, identity: dict[str, Any], settings: RaySettings,
-                   record: Callable[[int, CaseResult], None], all_inputs: list[InputItem]) -> None:
+                   record: Callable[[int, CaseResult], None], all_inputs: list[InputItem],
+                   started: Callable[[int], None] | None = None) -> None:
     """Compute ``cases`` on Ray into ``out_dir``; ``record(index, result)`` as each finishes (in any order).
 
     ``device``: auto, cpu or cuda, resolved by each actor on its own node. ``identity``:
-    the batch's resume identity (``batch_identity``). Raises ``ConfigError`` when Ray is
-    not installed, the cluster cannot be reached or has nowhere to run the actors, and
-    ``ResourceError`` when every inference actor died more often than allowed.
+    the batch's resume identity (``batch_identity``). ``started(index)`` as each case is
+    sent to the cluster: a case started and not recorded is in flight, and on Ctrl-C or
+    SIGTERM (``KeyboardInterrupt``, re-raised) those that finished before the driver could
+    stop them are still recorded, the others are the caller's to record as interrupted.
+    Raises ``ConfigError`` when Ray is not installed, the cluster cannot be reached or has
+    nowhere to run the actors, and ``ResourceError`` when every inference actor died more
+    often than allowed.
     """
     ray = _import_ray()
     _init(ray, settings)
     try:
-        actors, described = _start_actors(ray, weights, device, backend, options, convention, settings)
+        plan = actor_plan(ray, device, settings)
+        actors, described = _start_actors(ray, plan, weights, device, backend, options, convention, settings)
         model = model_record(identity, weights, convention, described["device"], described["backend"])
         write_run_info(out_dir, weights, described["device"], described["backend"], all_inputs,
                        orientation_convention=convention)
-        _run_window(ray, cases, actors, out_dir, options, model, identity, settings, convention, record)
+        _run_window(ray, cases, actors, plan, out_dir, options, model, identity, settings, convention, record,
+                    started)
     finally:
         ray.shutdown()  # a local instance stops; from a cluster the driver disconnects, its actors end
 
@@ -138,6 +158,7 @@ def _import_ray():
 
 
 def _init(ray, settings: RaySettings) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
     try:
         if settings.address is None:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -148,49 +169,59 @@ def _init(ray, settings: RaySettings) -> None:
         where = settings.address or "a local instance"
         raise ConfigError(f"--ray {where}: could not start or join the Ray cluster ({err}); start one with "
                           "'ray start --head' and pass its address (host:port)") from None
+    finally:
+        _restore_sigterm(handler)
 
 
-def _actor_plan(ray, device: str, settings: RaySettings) -> tuple[int, dict[str, Any], list[str]]:
-    """(how many actors, their resource options, the node of each (CPU clusters; else empty))."""
-    if device.startswith("cuda:"):
-        raise ConfigError(f"--device {device} with --ray: Ray assigns each actor its GPU; use --device cuda or auto")
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    if device != "cpu" and gpus > 0:
-        count = settings.actors or max(1, int(gpus / settings.gpus_per_actor + 1e-9))
-        return count, {"num_gpus": settings.gpus_per_actor, "num_cpus": 0}, []
-    if device.startswith("cuda"):
-        raise ConfigError("--device cuda with --ray: the cluster has no GPU (start its nodes with GPUs, or use "
-                          "--device cpu)")
-    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
-    if not nodes:
-        raise ConfigError("--ray: the cluster has no node with a CPU to run an inference actor")
-    count = settings.actors or len(nodes)
-    return count, {"num_cpus": ACTOR_CPUS}, [nodes[i % len(nodes)] for i in range(count)]
+def _restore_sigterm(handler: Any) -> None:
+    """Give SIGTERM back to the handler the program had before ``ray.init``.
+
+    ``ray.init`` installs a Python handler that exits with status 15 (no summary, no 143),
+    and the core worker installs its failure-signal handler (a native stack dump on stderr,
+    then the Python one). ``signal.signal`` sets the C-level handler as well, which removes
+    the core worker's for SIGTERM; its handlers for crashes (SIGSEGV, SIGABRT...) stay.
+    ``handler`` None (set outside Python) becomes the default action.
+    """
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
-def _start_actors(ray, weights: Path, device: str, backend: str, options: SegmentOptions, convention: str,
-                  settings: RaySettings) -> tuple[list[Any], dict[str, Any]]:
+def _start_actors(ray, plan: ActorPlan, weights: Path, device: str, backend: str, options: SegmentOptions,
+                  convention: str, settings: RaySettings) -> tuple[list[Any], dict[str, Any]]:
     """Start the inference actors and wait until each has loaded the model; returns them and actor 0's description."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from spleen_seg.pipeline.network import CONVENTION_MSD
 
-    count, resources, nodes = _actor_plan(ray, device, settings)
     actor_class = ray.remote(InferenceActor)
     actors = []
-    for number in range(count):
+    for number in range(plan.count):
         placement = {}
-        if nodes:  # one per node; soft: a restart after the node is lost goes elsewhere
-            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[number], soft=True)
-        actors.append(actor_class.options(max_restarts=settings.max_retries, max_task_retries=0, **resources,
+        if plan.nodes:  # one per node; soft: a restart after the node is lost goes elsewhere
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(plan.nodes[number], soft=True)
+        actors.append(actor_class.options(max_restarts=settings.max_retries, max_task_retries=0, **plan.resources,
                                           **placement).remote(
             str(Path(weights).resolve()), device, backend, convention == CONVENTION_MSD, options.all_windows,
             options.precision, options.tta_axes))
+    if plan.whole_cases:
+        logger.info("no CPU is left for case tasks beside the %d inference actors (cluster: %s): each actor reads, "
+                    "segments and writes its own cases", plan.count, resources_text(ray.cluster_resources()))
+    calls = {actor.describe.remote(): number for number, actor in enumerate(actors)}
+    watch = StallWatch(ray, settings.stall_seconds)
+    described: dict[int, dict[str, Any]] = {}
+
+    def waiting_for() -> str:
+        return (f"{len(actors) - len(described)} of {len(actors)} inference actors to start (each needs "
+                f"{demand_text(plan.resources)})")
+
     try:
-        described = ray.get([actor.describe.remote() for actor in actors])
+        while len(described) < len(actors):
+            ref = wait_ready(ray, [ref for ref, number in calls.items() if number not in described], watch,
+                              waiting_for)
+            described[calls[ref]] = ray.get(ref)
     except ray.exceptions.RayActorError as err:
         raise ConfigError(f"--ray: an inference actor could not load the model: {_cause(err)}") from None
-    for number, info in enumerate(described):
+    for number, info in sorted(described.items()):
         logger.info("inference actor %d: pid %d on node %s (%s), %s on %s", number, info["pid"], info["node_ip"],
                     info["hostname"], info["backend"], info["device"])
         if info["version"] != __version__:
@@ -213,47 +244,61 @@ def _cause(err: BaseException) -> str:
 
 @dataclass
 class _Flight:
-    """A case in flight: its task outputs (prepared job and image), its actor, how often its network was retried."""
+    """A case in flight: its actor, the object references of its stages (task mode: the prepare task's job and
+    image; the actor's call), how often its network was retried."""
 
     case: RayCase
-    job: Any
-    image: Any
     actor: int
+    job: Any = None
+    image: Any = None
+    network: Any = None
     attempt: int = 0
 
 
 class _Window:
-    """At most ``size`` cases in flight: prepare task -> actor -> finish task, chained by object references.
+    """At most ``size`` cases in flight: prepare task -> actor -> finish task, chained by object references
+    (or, ``plan.whole_cases``, one actor call per case).
 
     No worker waits on another: a case holds a CPU only while it is read, prepared or
     written, and its arrays wait in the object store between the stages.
     """
 
-    def __init__(self, ray, actors: list[Any], out_dir: Path, options: SegmentOptions, model: dict[str, Any],
-                 identity: dict[str, Any], settings: RaySettings, mirror_xy: bool) -> None:
+    def __init__(self, ray, actors: list[Any], plan: ActorPlan, out_dir: Path, options: SegmentOptions,
+                 model: dict[str, Any], identity: dict[str, Any], settings: RaySettings, mirror_xy: bool) -> None:
         task_options = {"num_cpus": CASE_TASK_CPUS, "max_retries": settings.max_retries, "retry_exceptions": False}
-        self.ray, self.actors, self.settings = ray, actors, settings
+        self.ray, self.actors, self.plan, self.settings = ray, actors, plan, settings
         self.prepare = ray.remote(prepare_case_task).options(num_returns=2, **task_options)
         self.finish = ray.remote(finish_case_task).options(**task_options)
-        self.arguments = (out_dir, options, model, identity, mirror_xy)
+        self.arguments = (out_dir, options, model, identity)
         self.mirror_xy = mirror_xy
-        self.size = CASES_PER_ACTOR * len(actors) + max(int(ray.cluster_resources().get("CPU", 1)) - len(actors), 1)
+        free_cpus = max(int(ray.cluster_resources().get("CPU", 1)) - len(actors), 1)
+        self.size = CASES_PER_ACTOR * len(actors) + (0 if plan.whole_cases else free_cpus)
         self.pending: dict[Any, _Flight] = {}
+        self.watch = StallWatch(ray, settings.stall_seconds)
+        self.stages_done: set[Any] = set()
 
     def submit(self, number: int, case: RayCase) -> None:
-        job, image = self.prepare.remote(case, *self.arguments)
-        self._network(_Flight(case=case, job=job, image=image, actor=number % len(self.actors)))
+        flight = _Flight(case=case, actor=number % len(self.actors))
+        if not self.plan.whole_cases:
+            flight.job, flight.image = self.prepare.remote(case, *self.arguments, self.mirror_xy)
+        self._send(flight)
 
-    def _network(self, flight: _Flight) -> None:
-        actor = self.actors[flight.actor].margin
+    def _send(self, flight: _Flight) -> None:
+        actor = self.actors[flight.actor]
+        method = actor.segment_case if self.plan.whole_cases else actor.margin
         if flight.attempt:  # waits for a restarting actor (when it is the only one) instead of failing at once
-            actor = actor.options(max_task_retries=self.settings.max_retries)
-        self.pending[self.finish.remote(flight.job, actor.remote(flight.image), self.mirror_xy)] = flight
+            method = method.options(max_task_retries=self.settings.max_retries)
+        if self.plan.whole_cases:
+            flight.network = result = method.remote(flight.case, *self.arguments)
+        else:
+            flight.network = method.remote(flight.image)
+            result = self.finish.remote(flight.job, flight.network, self.mirror_xy)
+        self.pending[result] = flight
 
     def next_result(self) -> tuple[int, CaseResult] | None:
         """Wait for a case to finish: (input index, result); None when a case went back to another actor."""
         ray = self.ray
-        (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+        ref = wait_ready(ray, list(self.pending), self.watch, self._waiting_for, self._advanced)
         flight = self.pending.pop(ref)
         try:
             return flight.case.index, ray.get(ref)
@@ -269,6 +314,27 @@ class _Window:
         return flight.case.index, CaseResult(source=path, case=flight.case.case, status="failed",
                                              error=describe_failure(path, error))
 
+    def _advanced(self) -> bool:
+        """Whether a stage of a case in flight (its preparation, its network) finished since the last look."""
+        if self.plan.whole_cases:
+            return False
+        refs = [ref for flight in self.pending.values() for ref in (flight.job, flight.network)]
+        ready = set(self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) if refs else set()
+        advanced = bool(ready - self.stages_done)
+        self.stages_done = ready
+        return advanced
+
+    def _waiting_for(self) -> str:
+        """The cases in flight by stage, with what each stage needs, for a stall line."""
+        if self.plan.whole_cases:
+            return in_flight_text({"whole": [flight.actor for flight in self.pending.values()]}, self.plan.resources)
+        stages: dict[str, list[int]] = {"prepare": [], "network": [], "finish": []}
+        for flight in self.pending.values():
+            stage = ("finish" if flight.network in self.stages_done else "network" if flight.job in self.stages_done
+                     else "prepare")
+            stages[stage].append(flight.actor)
+        return in_flight_text(stages, self.plan.resources)
+
     def _retry(self, flight: _Flight, err: BaseException) -> None:
         """The case's actor died: its network goes to the next actor, up to ``max_retries`` times."""
         if flight.attempt >= self.settings.max_retries:
@@ -279,33 +345,49 @@ class _Window:
         logger.warning("%s: inference actor %d died or is unreachable (%s); retrying on actor %d (attempt %d of %d)",
                        flight.case.case, flight.actor, _actor_error_name(self.ray, err), following, flight.attempt + 2,
                        self.settings.max_retries + 1)
-        self._network(_Flight(case=flight.case, job=flight.job, image=flight.image, actor=following,
-                              attempt=flight.attempt + 1))
+        self._send(replace(flight, actor=following, attempt=flight.attempt + 1, network=None))
 
-    def cancel(self) -> None:
-        for ref in self.pending:
-            self.ray.cancel(ref, force=True)
+    def stop(self, record: Callable[[int, CaseResult], None]) -> None:
+        """Ctrl-C, SIGTERM or lost actors: stop the cases in flight and record those that finished before they
+        could be stopped; the rest stay in flight for the caller (a stopped worker's half-written hidden work
+        folder is removed by the next run, ``remove_stale_work_dirs``)."""
+        ray = self.ray
+        if not self.plan.whole_cases:
+            for ref in self.pending:
+                ray.cancel(ref, force=True)
+        for actor in self.actors:  # its case, if any, stops now: no folder appears after the summary
+            ray.kill(actor, no_restart=True)
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=INTERRUPT_GRACE_S,
+                            fetch_local=False) if self.pending else ([], [])
+        for ref in ready:
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError:  # stopped before it finished
+                continue
+            record(self.pending.pop(ref).case.index, result)
 
 
-def _run_window(ray, cases: list[RayCase], actors: list[Any], out_dir: Path, options: SegmentOptions,
+def _run_window(ray, cases: list[RayCase], actors: list[Any], plan: ActorPlan, out_dir: Path, options: SegmentOptions,
                 model: dict[str, Any], identity: dict[str, Any], settings: RaySettings, convention: str,
-                record: Callable[[int, CaseResult], None]) -> None:
+                record: Callable[[int, CaseResult], None], started: Callable[[int], None] | None) -> None:
     """Keep a bounded number of cases in flight; record each result as it comes."""
     from spleen_seg.pipeline.network import CONVENTION_MSD
 
-    window = _Window(ray, actors, out_dir, options, model, identity, settings, convention == CONVENTION_MSD)
+    window = _Window(ray, actors, plan, out_dir, options, model, identity, settings, convention == CONVENTION_MSD)
     upcoming = iter(enumerate(cases))
     try:
         while True:
             while len(window.pending) < window.size and (following := next(upcoming, None)) is not None:
                 window.submit(*following)
+                if started is not None:
+                    started(following[1].index)
             if not window.pending:
                 return
             finished = window.next_result()
             if finished is not None:
                 record(*finished)
-    except BaseException:  # Ctrl-C or lost actors: stop the cases in flight (their work folders are discarded)
-        window.cancel()
+    except BaseException:
+        window.stop(record)
         raise
 
 
@@ -342,6 +424,13 @@ class InferenceActor:
     def margin(self, prepared: PreparedImage | None) -> PreparedImage | None:
         """The margin of one prepared image (None: the case failed before the network; passed on)."""
         return None if prepared is None else self.segmenter.compute_margin(prepared)
+
+    def segment_case(self, case: RayCase, out_dir: Path, options: SegmentOptions, model: dict[str, Any],
+                     identity: dict[str, Any]) -> CaseResult:
+        """A whole case here: read, network, write (``batch.case.segment_one``), for clusters that leave no CPU
+        for case tasks beside the actors (``ActorPlan.whole_cases``)."""
+        return segment_one(self.segmenter, case.item, out_dir, case=case.case, options=options, model=model,
+                           identity=case_identity(identity, input_sha256(case.item)))
 
 
 _WORKER_SEGMENTERS: dict[bool, Segmenter] = {}

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 INPUT_DIGEST_KEY = "input_sha256"
 # SegmentOptions fields that choose how the result is computed, not what it is: the
-# convention flag is recorded resolved (``orientation_convention``), precision as above.
-RUNTIME_OPTIONS = frozenset({"precision", "weights_convention"})
+# convention flag is recorded resolved (``orientation_convention``), precision as above;
+# how the TTA axes were asked for (``tta_axes`` are recorded).
+RUNTIME_OPTIONS = frozenset({"precision", "weights_convention", "tta_axes_explicit"})
 
 
 def input_sha256(item: InputItem) -> str | None:
@@ -78,7 +79,7 @@ def case_identity(base: dict[str, Any], digest: str | None) -> dict[str, Any]:
     return {INPUT_DIGEST_KEY: digest, **base}
 
 
-def _complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
+def complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
     """The case's report when its folder holds it and every output it lists, else (None, why)."""
     from spleen_seg.outputs.report import REPORT_FILENAME, read_report
 
@@ -109,7 +110,7 @@ def finished_report(case_dir: Path, base: dict[str, Any],
     ``base`` is :func:`batch_identity`; ``digest`` computes the input's digest, called
     only when everything else matches (hashing a large input is the one costly step).
     """
-    report, why = _complete_report(case_dir)
+    report, why = complete_report(case_dir)
     if report is None:
         return None, why
     why = _difference(report.identity, base)

@@ -5,16 +5,18 @@ finished one with the network (:func:`_compute`), memory permitting; ``--ray`` r
 same cases on a Ray cluster instead (``batch.ray``). A batch never breaks: every case that
 fails (any ``Exception``) gets a ``failed`` row and the batch goes on. ``summary.csv`` is
 kept current (``batch.summary``). Ctrl-C discards the
-current case, writes the summary (the interrupted case as ``interrupted``) and re-raises
-``KeyboardInterrupt``. A case an earlier run finished with the same identity
-(``batch.resume``) is skipped, and the model is not loaded when every case is.
+current case (under ``--ray``, the cases in flight), writes the summary (the interrupted
+cases as ``interrupted``) and re-raises ``KeyboardInterrupt``. A case an earlier run finished with the same identity
+(``batch.resume``) is skipped, and the model is not loaded when every case is. Only what
+spleen-seg wrote is replaced or removed (``batch.ownership``): a case whose folder is someone
+else's, or holds a review, fails without being computed, and a run-level file that is not
+ours refuses the run before anything is written.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from spleen_seg.batch.case import (
     CaseJob,
     CaseResult,
     SegmentOptions,
+    check_run_info,
+    describe_failure,
     finish_case,
     model_record,
     network_case,
@@ -37,9 +41,11 @@ from spleen_seg.batch.case import (
     write_run_info,
 )
 from spleen_seg.batch.inputs import InputItem, Part, input_header_geometry, input_source, unique_case_ids
+from spleen_seg.batch.ownership import folder_problem, remove_folder
 from spleen_seg.batch.progress import BatchProgress, Stopwatch, totals_line
 from spleen_seg.batch.resume import batch_identity, case_identity, finished_report, input_sha256
-from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow
+from spleen_seg.batch.summary import SUMMARY_FILENAME, LiveSummary, SummaryRow, check_summary_files
+from spleen_seg.errors import ForeignOutputError
 
 if TYPE_CHECKING:
     from spleen_seg.batch.ray import RaySettings
@@ -61,6 +67,8 @@ class _Batch:
     on_result: ResultCallback | None
     summary: LiveSummary
     current: int | None = None
+    # Ray: the cases sent to the cluster and not recorded yet (the local batch has one, ``current``).
+    in_flight: set[int] = field(default_factory=set)
     results: dict[int, CaseResult] = field(default_factory=dict)
     digests: dict[int, str | None] = field(default_factory=dict)
 
@@ -76,6 +84,13 @@ class _Batch:
             report, why = (None, "--overwrite") if overwrite else finished_report(
                 self.out_dir / case, self.identity, functools.partial(self.digest, index))
             if report is None:
+                problem = folder_problem(self.out_dir / case)
+                if problem is not None:  # not ours, or a review: fails now, without computing
+                    source = input_source(self.inputs[index])
+                    self.finish(index, CaseResult(source=source, case=case, status="failed",
+                                                  error=describe_failure(source, ForeignOutputError(problem))),
+                                write=False)
+                    continue
                 if (self.out_dir / case).exists():
                     logger.info("recomputing %s: %s", case, why)
                 todo.append(index)
@@ -93,9 +108,11 @@ class _Batch:
         self.results[index] = result
         if result.status == "failed":
             # An earlier run's folder for this case no longer describes it (other input,
-            # options or version): after a run the case folders are exactly the rows
-            # that are ok or not_found.
-            shutil.rmtree(self.out_dir / self.cases[index], ignore_errors=True)
+            # options or version): after a run the case folders are exactly the rows that
+            # are ok or not_found, and the folders that are not spleen-seg's to remove.
+            kept = remove_folder(self.out_dir / self.cases[index])
+            if kept is not None:
+                logger.debug("kept %s: %s", self.out_dir / self.cases[index], kept)
         self.summary.record(index, SummaryRow(case=result.case, source=str(result.source), status=result.status,
                                               report=result.report, error=result.error or "",
                                               reused=result.reused), write=write)
@@ -106,9 +123,10 @@ class _Batch:
                 self.on_result(result)
 
     def interrupted(self) -> None:
-        """Ctrl-C: the current case (its work folder already removed) is recorded as interrupted."""
-        index = self.current
-        if index is not None and index not in self.results:
+        """Ctrl-C: the current case, or under Ray every case in flight (their work folders already removed or
+        left to the next run), is recorded as interrupted."""
+        running = self.in_flight | ({self.current} if self.current is not None else set())
+        for index in sorted(running - set(self.results)):
             source = input_source(self.inputs[index])
             self.results[index] = CaseResult(source=source, case=self.cases[index], status="interrupted",
                                              error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
@@ -130,20 +148,30 @@ def segment_files(
 
     Cases an earlier run finished with the same input, weights, options and version are
     skipped (``CaseResult.reused``) unless ``overwrite``. Failures do not stop the batch.
-    ``on_result`` is called with each case's result as soon as it is known (skipped cases
-    first). Weights trained under the MSD orientation convention see their inputs mirrored
-    left-right and front-back (``Segmenter.mirror_xy``). ``cases``: the inputs' case ids
+    ``on_result`` is called with each case's result as soon as it is known (skipped cases,
+    and cases refused because their folder is not spleen-seg's to replace, first). Weights
+    trained under the MSD orientation convention see their inputs mirrored left-right and
+    front-back (``Segmenter.mirror_xy``). ``cases``: the inputs' case ids
     (default ``unique_case_ids``); ``part``: this run is that part of a job array
     (``batch.summary`` merges the parts' summaries); ``ray``: compute on a Ray cluster
     (``batch.ray``) instead of this process. Returns the results in input order; Ctrl-C
-    writes the summary and re-raises ``KeyboardInterrupt``.
+    writes the summary and re-raises ``KeyboardInterrupt``. Raises ``ForeignOutputError``
+    before anything is written when ``out_dir`` holds a summary, page or ``run_info.json``
+    that spleen-seg did not write; a case folder of that kind fails its case alone.
     """
     from spleen_seg.io.download import file_sha256
     from spleen_seg.pipeline.network import weights_orientation_convention
+    from spleen_seg.pipeline.tta import check_tta_axes
 
     options = options or SegmentOptions()
     convention = weights_orientation_convention(weights, options.weights_convention)
+    # Refused TTA fails here, before the output folder, a Ray cluster or a model; the
+    # segmenter checks again where it loads (and records the warning in each report).
+    check_tta_axes(weights, options.tta_axes, explicit=options.tta_axes_explicit)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A summary, page or run_info.json that is not ours refuses the run before anything is written.
+    check_summary_files(out_dir)
+    check_run_info(out_dir)
     for stale in remove_stale_work_dirs(out_dir):
         logger.info("removed %s, left by a run that was killed", stale)
     batch = _Batch(inputs=inputs, cases=unique_case_ids(inputs) if cases is None else cases, out_dir=out_dir,
@@ -172,11 +200,12 @@ def _compute_on_ray(batch: _Batch, todo: list[int], weights: Path, device: str, 
     with BatchProgress(len(todo), progress) as bar:
         def record(index: int, result: CaseResult) -> None:
             batch.finish(index, result)
+            batch.in_flight.discard(index)
             bar.done(result)
 
         segment_on_ray(cases, batch.out_dir, weights, device, backend=backend, options=options,
                        convention=convention, identity=batch.identity, settings=ray, record=record,
-                       all_inputs=batch.inputs)
+                       all_inputs=batch.inputs, started=batch.in_flight.add)
 
 
 # At most this many cases wait for their outputs beside the one in the network (memory bound).
@@ -204,7 +233,7 @@ def _compute(batch: _Batch, todo: list[int], weights: Path, device: str, backend
         try:
             pending = reader.submit(load_segmenter, weights, device, backend, mirror_xy=convention == CONVENTION_MSD,
                                     progress=progress, all_windows=options.all_windows, precision=options.precision,
-                                    tta_axes=options.tta_axes)
+                                    tta_axes=options.tta_axes, tta_axes_explicit=options.tta_axes_explicit)
             pipeline.ahead[todo[0]] = reader.submit(pipeline.start, todo[0], None, "read", options)
             pipeline.segmenter = segmenter = pending.result()
             pipeline.warm_outputs = options.preview

@@ -17,6 +17,17 @@ by the K parts so that together they rebuild about as often as one run would. Pa
 finish at the same moment cannot lose each other's rows (see :func:`rebuild_merged`);
 ``merge_summaries`` (``spleen-seg merge-summaries OUT``) rebuilds from the part summaries
 and their journals after the array, including parts that were killed.
+
+Cells are neutralised against spreadsheet formulas the way OWASP's CSV injection guidance
+describes: a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (a case
+id or path from a file name can) is written with a single quote before it and quoted
+(``"'=1+2"``); so is a cell that starts with a quote itself, so that :func:`read_summary`
+gives back every cell's original text by removing that one quote. (A summary written before
+this rule reads back without the leading quote of a cell that had one: a name like ``'x``.)
+
+Each file is rewritten only when it is absent or recognised as spleen-seg's (``batch.ownership``):
+summaries and journals by their header row, ``.done`` marks by their JSON, the page by its
+first lines; anything else raises ``ForeignOutputError`` and is left as it is.
 """
 
 from __future__ import annotations
@@ -28,12 +39,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spleen_seg.batch.inputs import Part
+from spleen_seg.batch.ownership import check_file
 from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.outputs.report import AXIS_NAMES, CaseReport
 from spleen_seg.outputs.review_state import review_status
@@ -42,6 +54,13 @@ SUMMARY_FILENAME = "summary.csv"
 SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
                    "extent_superior_inferior_mm", "components", "quality_score", "review_suggested", "flags", "error",
                    "reused", "review")
+# Every version's header began with these columns: how a summary or journal is recognised.
+SUMMARY_HEADER_START = ("case", "source", "status", "volume_ml")
+# OWASP: a cell starting with one of these is (or turns into) a formula in a spreadsheet.
+FORMULA_STARTS = frozenset("=+-@\t\r")
+NEUTRALISING_QUOTE = "'"
+NEUTRALISED_STARTS = FORMULA_STARTS | {NEUTRALISING_QUOTE}
+DONE_STATUSES = ("finished", "interrupted")
 JOURNAL_SUFFIX = ".journal.csv"
 PART_FILE = re.compile(r"^summary\.part-(?P<index>\d+)-of-(?P<count>\d+)(?P<kind>\.csv|\.journal\.csv|\.done)$")
 # Rewrites of the summary and the page may take this share of a run (RewriteSchedule).
@@ -92,35 +111,109 @@ class SummaryRow:
         return dict(zip(SUMMARY_COLUMNS, self.values(), strict=True))
 
 
-def _csv_text(rows: Iterable[Iterable[str]], header: bool = True) -> str:
+def _csv_text(rows: Iterable[Sequence[str]], header: bool = True) -> str:
+    """CSV lines of ``rows``, cells neutralised against formulas (module docstring).
+
+    Rows stream through (a list of a large cohort's rows costs more than looking at each
+    cell's first character, which is about a third of writing the cells).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    # OWASP's rule quotes a neutralised cell, which csv's minimal quoting would not: such rows quote every cell.
+    quoting_writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     if header:
         writer.writerow(SUMMARY_COLUMNS)
-    writer.writerows(rows)
+    for cells in rows:
+        if any(cell[:1] in NEUTRALISED_STARTS for cell in cells):
+            quoting_writer.writerow([NEUTRALISING_QUOTE + cell if cell[:1] in NEUTRALISED_STARTS else cell
+                                     for cell in cells])
+        else:
+            writer.writerow(cells)
     return buffer.getvalue()
+
+
+def _original(cell: str) -> str:
+    """A cell as the batch recorded it: without the quote :func:`_csv_text` put before it."""
+    return cell[1:] if cell.startswith(NEUTRALISING_QUOTE) else cell
+
+
+def _is_summary(head: bytes) -> bool:
+    """Does a file starting with ``head`` start with a summary's header row (any version's)?"""
+    first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    cells = next(csv.reader([first]), [])
+    return tuple(cells[: len(SUMMARY_HEADER_START)]) == SUMMARY_HEADER_START
+
+
+def _is_journal(head: bytes) -> bool:
+    """A journal: a summary's header, or nothing (a run killed as it opened the journal)."""
+    return head == b"" or _is_summary(head)
+
+
+def _is_done_mark(head: bytes) -> bool:
+    try:
+        mark = json.loads(head)
+    except ValueError:
+        return False
+    return isinstance(mark, dict) and mark.get("status") in DONE_STATUSES and {"rows", "cases"} <= mark.keys()
+
+
+def check_summary(path: Path) -> None:
+    check_file(path, _is_summary, "a summary")
+
+
+def check_summary_files(out_dir: Path) -> None:
+    """Raise ``ForeignOutputError`` when a file a run rewrites or removes in ``out_dir`` is not spleen-seg's:
+    ``summary.csv``, the page, the journals, and the part summaries and marks of any split."""
+    from spleen_seg.outputs.cohort import PAGE_FILENAME
+
+    check_summary(out_dir / SUMMARY_FILENAME)
+    check_file(out_dir / f"summary{JOURNAL_SUFFIX}", _is_journal, "a summary journal")
+    _check_page(out_dir / PAGE_FILENAME)
+    for path in sorted(out_dir.glob("summary.part-*")):
+        _check_part_file(path)
+
+
+def _check_part_file(path: Path) -> None:
+    match = PART_FILE.match(path.name)
+    if match is None:  # another name: never written, rewritten or removed by a run
+        return
+    if match["kind"] == ".done":
+        check_file(path, _is_done_mark, "a part's .done mark")
+    elif match["kind"] == JOURNAL_SUFFIX:
+        check_file(path, _is_journal, "a part's summary journal")
+    else:
+        check_file(path, _is_summary, "a part's summary")
+
+
+def _check_page(path: Path) -> None:
+    from spleen_seg.outputs.cohort import is_cohort_page
+
+    check_file(path, is_cohort_page, "a cohort page")
 
 
 def write_summary(rows: list[SummaryRow], dest: Path) -> Path:
     """Write ``summary.csv``: a header and one row per input, in input order."""
+    check_summary(dest)
     atomic_write_text(dest, _csv_text(row.values() for row in rows))
     return dest
 
 
 def write_summary_rows(rows: Iterable[Mapping[str, str]], dest: Path) -> Path:
     """Write summary rows read back as dicts (a merge); a column they lack is left empty."""
+    check_summary(dest)
     atomic_write_text(dest, _csv_text([row.get(name) or "" for name in SUMMARY_COLUMNS] for row in rows))
     return dest
 
 
 def read_summary(path: Path) -> list[Row]:
-    """The rows of a summary or journal CSV; [] when it does not exist.
+    """The rows of a summary or journal CSV, each cell's original text; [] when it does not exist.
 
     A journal's last line may be cut short by a kill: a line without its newline, or without
     every column, is dropped.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bytes decoded, not read_text: its newline translation would turn a "\r" inside a cell into "\n".
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return []
     if not text.endswith("\n"):
@@ -130,7 +223,7 @@ def read_summary(path: Path) -> list[Row]:
     try:
         for row in reader:
             if None not in row and None not in row.values():
-                rows.append({name: row.get(name) or "" for name in SUMMARY_COLUMNS})
+                rows.append({name: _original(row.get(name) or "") for name in SUMMARY_COLUMNS})
     except csv.Error as err:  # a quoted field cut short: the rows before it stand
         logger.warning("%s: rows after line %d are unreadable (%s)", path, reader.line_num, err)
     return rows
@@ -150,6 +243,7 @@ class Journal:
 
     def append(self, values: list[str]) -> None:
         if self._fd is None:
+            check_file(self.path, _is_journal, "a summary journal")
             header = _csv_text([], header=True).encode()
             # O_TRUNC: a killed earlier run's journal is stale once this run has written its summary.
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
@@ -167,6 +261,8 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        else:  # an earlier run's journal, this run's summary now holds its rows
+            check_file(self.path, _is_journal, "a summary journal")
         self.path.unlink(missing_ok=True)
 
 
@@ -260,8 +356,9 @@ class LiveSummary:
         if self.part is not None:
             if final or complete:
                 status = "finished" if complete else "interrupted"
-                atomic_write_text(_done_path(self.dest.parent, self.part),
-                                  json.dumps({"status": status, "rows": len(self._rows), "cases": self.total}) + "\n")
+                done = _done_path(self.dest.parent, self.part)
+                check_file(done, _is_done_mark, "a part's .done mark")
+                atomic_write_text(done, json.dumps({"status": status, "rows": len(self._rows), "cases": self.total}) + "\n")
             self._write_merged()
         self.journal.remove()
         return self.dest
@@ -297,6 +394,10 @@ def _remove_other_splits(out_dir: Path, part: Part | None) -> None:
         else:
             stale = part is not None and path.name == f"summary{JOURNAL_SUFFIX}"
         if stale:
+            if match is not None:
+                _check_part_file(path)
+            else:
+                check_file(path, _is_journal, "a summary journal")
             logger.info("removed %s (another split of %s, or this part's mark of an earlier run)", path.name, out_dir)
             path.unlink(missing_ok=True)
 
@@ -379,10 +480,12 @@ def merge_summaries(out_dir: Path) -> MergeResult:
     With part summaries (``segment --num-parts K``): every part's summary plus the rows only in
     its journal (a part killed before rewriting its summary), ordered by case id. Without: the
     summary plus its journal's rows. Raises ``ConfigError`` when the folder holds no summary
-    or part summaries of different splits.
+    or part summaries of different splits, ``ForeignOutputError`` when one of its files is not
+    spleen-seg's (``check_summary_files``).
     """
     from spleen_seg.errors import ConfigError
 
+    check_summary_files(out_dir)
     counts = _part_counts(out_dir)
     if len(counts) > 1:
         raise ConfigError(f"{out_dir}: part summaries of {' and '.join(map(str, sorted(counts)))} parts; "
@@ -440,5 +543,6 @@ def write_page(rows: list[Row], out_dir: Path, expected: int | None = None) -> P
 
     files = CaseFiles(thumbnail=THUMBNAIL_FILENAME, preview=PREVIEW_FILENAME,
                       links=(("report", REPORT_FILENAME), ("mask", MASK_FILENAME), ("folder", "")))
+    _check_page(out_dir / PAGE_FILENAME)
     return write_cohort_page(rows, out_dir / PAGE_FILENAME, files=files, title=out_dir.resolve().name,
                              expected=expected)

@@ -127,6 +127,12 @@ class DicomSeries:
     def folder(self) -> Path:
         return Path(os.path.commonpath([str(f.parent) for f in self.files])) if self.files else Path()
 
+    @property
+    def label(self) -> str:
+        """The volume in messages: ``series UID (part a2) in FOLDER``."""
+        part = f" (part {self.part})" if self.part else ""
+        return f"series {self.series_uid}{part} in {self.folder}"
+
 
 @dataclass(frozen=True)
 class Notice:

@@ -7,21 +7,51 @@ read as DICOM; it decodes every element up front, so a damaged file fails there,
 of ``DICOM_READ_ERRORS``, and not later, anywhere. ``slice_hu`` decodes pixels through the
 decoder plugin named per transfer syntax (``DECODER_BY_SYNTAX``), so the result does not
 depend on which other decoders happen to be installed.
+
+**Deflated data sets are inflated only as far as they are read** (``read_deflated``).
+pydicom 3 inflates a Deflated Explicit VR Little Endian data set whole before it parses
+a byte of it (``zlib.decompress`` in ``filereader.read_partial``; ``stop_before_pixels``
+and ``defer_size`` act only afterwards), and the header it returns keeps the inflated
+buffer: a 128 KiB file of 8192 x 8192 zero pixels cost 128 MiB per header read, held
+for as long as the header. Here the stream is inflated on demand under pydicom's own
+parser: a header costs what precedes its PixelData (at most
+``DEFLATED_HEADER_MAX_BYTES``), and the pixels are inflated only up to what the header
+declares (Rows x Columns x frames x samples x bits), once that passed the caller's bound.
+Refusing Deflated files above a ratio of declared to compressed size instead would not
+do: that bomb is within what deflate can really expand (1024:1 of at most 1032:1,
+``DEFLATE_MAX_RATIO``), a lower ratio refuses real files, and the ratio needs the
+header, which pydicom inflates everything to read. The ratio is still checked: a header
+that declares more than its deflated bytes can hold is refused as corrupt.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_dataset as read_encoded_dataset
+from pydicom.filereader import read_preamble
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 
-from spleen_seg.errors import InputImageError, library_message
+from spleen_seg.errors import InputImageError, format_bytes, library_message
+from spleen_seg.io.nifti import DEFLATE_MAX_RATIO
 
 DICM_MAGIC = b"DICM"
 PREAMBLE_BYTES = 128
@@ -41,9 +71,23 @@ SLICE_GAP_MIN_TOLERANCE_MM = 0.01  # ...but at least this
 PREFERRED_DECODER = "pylibjpeg"
 DECODER_BY_SYNTAX = {RLELossless: "pydicom"}
 # What pydicom raises for a damaged file: an unknown VR, a value of the wrong length, a
-# truncated element, an undecodable string. ``read_dataset`` meets them all up front.
+# truncated element, an undecodable string; zlib's for damaged deflated data (InflateError,
+# a ValueError, for one that inflates beyond its bound). ``read_dataset`` meets them up front.
 DICOM_READ_ERRORS = (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, KeyError, TypeError,
-                     IndexError, AttributeError, NotImplementedError, OverflowError, struct.error)
+                     IndexError, AttributeError, NotImplementedError, OverflowError, struct.error, zlib.error)
+# A Deflated data set's elements before its pixel data: real CT headers, private groups
+# included, take kilobytes (an enhanced CT's per-frame groups a few megabytes).
+DEFLATED_HEADER_MAX_BYTES = 16 << 20
+# ...and after them (DataSetTrailingPadding, a digital signature): the pixel data's element
+# header and this much beyond what the header declares may be inflated, nothing more.
+DEFLATED_TRAILER_MAX_BYTES = 1 << 20
+PIXEL_ELEMENT_HEADER_BYTES = 12  # tag, VR, reserved, 4-byte length (explicit VR OB/OW)
+INFLATE_STEP_BYTES = 64 << 10  # compressed bytes read, and inflated bytes made, per step
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, PixelData
+
+
+class InflateError(ValueError):
+    """A deflated data set that inflates beyond its bound, declares more than it can hold, or is cut short."""
 
 
 def _looks_headless(head: bytes) -> bool:
@@ -72,6 +116,165 @@ def dicom_kind(path: Path) -> str:
     return "headless" if _looks_headless(head) else ""
 
 
+# --- deflated data sets ----------------------------------------------------------------------
+
+
+class _InflatingReader:
+    """The inflated bytes of a raw deflate stream as a seekable, read-only file for pydicom's parser.
+
+    Inflates only as far as it is read, and never beyond ``max_bytes``
+    (``InflateError``); keeps what it inflated, since pydicom seeks back a few bytes
+    (to the start of the element that stopped it, within undefined-length values).
+    """
+
+    def __init__(self, compressed: BinaryIO, max_bytes: int, name: str):
+        self.name = name  # pydicom names the stream in its messages
+        self._compressed = compressed
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._data = bytearray()
+        self._position = 0
+        self._max_bytes = max_bytes
+
+    @property
+    def inflated_bytes(self) -> int:
+        return len(self._data)
+
+    def _inflate_to(self, end: int) -> None:
+        while len(self._data) < end and not self._inflater.eof:
+            pending = self._inflater.unconsumed_tail or self._compressed.read(INFLATE_STEP_BYTES)
+            if not pending:
+                raise InflateError(f"the deflated data set is cut short after {format_bytes(len(self._data))} "
+                                   "(truncated file)")
+            room = self._max_bytes + 1 - len(self._data)
+            self._data += self._inflater.decompress(pending, min(room, INFLATE_STEP_BYTES))
+            if len(self._data) > self._max_bytes:
+                raise InflateError(f"the deflated data set inflates beyond {format_bytes(self._max_bytes)}, "
+                                   "more than its header declares")
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._max_bytes + 1 if size is None or size < 0 else self._position + size
+        self._inflate_to(end)
+        with memoryview(self._data) as view:  # one copy, not a bytearray slice and then bytes of it
+            chunk = bytes(view[self._position : end])
+        self._position += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position}.get(whence)
+        if base is None:  # the end is where inflating stops: never asked for, so not offered
+            raise OSError(f"{self.name}: a deflated data set cannot be sought from its end")
+        self._position = max(base + offset, 0)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) in PIXEL_DATA_TAGS
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of pixel data the header declares (Rows x Columns x frames x samples x bits); 0 without an image."""
+    try:
+        return max(int(get_expected_length(ds, unit="bytes")), 0)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def _inflate(stream: BinaryIO, start: int, max_bytes: int, name: str, *, stop_before_pixels: bool) -> tuple[Dataset, int]:
+    """The data set deflated in ``stream`` from ``start``, and how many bytes were inflated to read it."""
+    stream.seek(start)
+    reader = _InflatingReader(stream, max_bytes, name)
+    ds = read_encoded_dataset(reader, is_implicit_VR=False, is_little_endian=True,  # type: ignore[arg-type]
+                              stop_when=_at_pixel_data if stop_before_pixels else None)
+    return ds, reader.tell()
+
+
+def _deflated_limit(stream: BinaryIO, name: str, max_pixel_bytes: int | None) -> tuple[Dataset, int, int]:
+    """(header, start, inflated-bytes limit) of the deflated data set in ``stream`` from its position.
+
+    Raises ``InflateError`` when the header declares more pixel data than
+    ``max_pixel_bytes`` or than its compressed bytes can hold.
+    """
+    start = stream.tell()
+    compressed_bytes = stream.seek(0, os.SEEK_END) - start
+    header, header_bytes = _inflate(stream, start, DEFLATED_HEADER_MAX_BYTES, name, stop_before_pixels=True)
+    declared = declared_pixel_bytes(header)
+    described = (f"the header declares {header.get('Rows', '?')} x {header.get('Columns', '?')} pixels x "
+                 f"{header.get('NumberOfFrames', 1) or 1} frames of {header.get('BitsAllocated', '?')} bits "
+                 f"({format_bytes(declared)} of pixel data)")
+    if max_pixel_bytes is not None and declared > max_pixel_bytes:
+        raise InflateError(f"{described}, more than the {format_bytes(max_pixel_bytes)} allowed")
+    if header_bytes + declared > DEFLATE_MAX_RATIO * compressed_bytes:
+        raise InflateError(f"{described} in {format_bytes(compressed_bytes)}, which deflate cannot expand beyond "
+                           f"{format_bytes(DEFLATE_MAX_RATIO * compressed_bytes)}: truncated or corrupt")
+    return header, start, header_bytes + PIXEL_ELEMENT_HEADER_BYTES + declared + DEFLATED_TRAILER_MAX_BYTES
+
+
+def read_deflated(stream: BinaryIO, name: str, *, stop_before_pixels: bool, max_pixel_bytes: int | None = None) -> Dataset:
+    """The Deflated Explicit VR Little Endian data set that ``stream`` holds from its position, inflated no further than needed.
+
+    The header (what precedes the pixel data) is read first, inflating at most
+    ``DEFLATED_HEADER_MAX_BYTES``. With ``stop_before_pixels`` that is all. Otherwise
+    the pixel data the header declares is checked against ``max_pixel_bytes`` (when
+    given) and against what the compressed bytes can hold (``DEFLATE_MAX_RATIO``), and
+    only then inflated, up to the declared size plus ``DEFLATED_TRAILER_MAX_BYTES``.
+    ``name`` names the stream in pydicom's messages (ours leave naming it to the
+    caller). Raises ``InflateError`` (a ValueError) for a stream beyond a bound,
+    declaring more than it can hold, or cut short.
+    """
+    if stop_before_pixels:
+        return _inflate(stream, stream.tell(), DEFLATED_HEADER_MAX_BYTES, name, stop_before_pixels=True)[0]
+    _, start, limit = _deflated_limit(stream, name, max_pixel_bytes)
+    return _inflate(stream, start, limit, name, stop_before_pixels=False)[0]
+
+
+def check_deflated(stream: BinaryIO, name: str, *, max_pixel_bytes: int) -> Dataset:
+    """The header of the deflated data set in ``stream``, once the whole stream inflated within its bounds.
+
+    As ``read_deflated`` without ``stop_before_pixels``, but what is inflated beyond the
+    header is counted and dropped, ``INFLATE_STEP_BYTES`` at a time: whatever the data set
+    holds, checking it costs the header's memory. Raises ``InflateError``.
+    """
+    header, start, limit = _deflated_limit(stream, name, max_pixel_bytes)
+    stream.seek(start)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    while not inflater.eof:
+        pending = inflater.unconsumed_tail or stream.read(INFLATE_STEP_BYTES)
+        if not pending:
+            raise InflateError(f"the deflated data set is cut short after {format_bytes(inflated)} (truncated)")
+        inflated += len(inflater.decompress(pending, INFLATE_STEP_BYTES))
+        if inflated > limit:
+            raise InflateError(f"the deflated data set inflates beyond {format_bytes(limit)}, more than its header "
+                               "declares")
+    return header
+
+
+def _file_meta(handle: BinaryIO) -> FileMetaDataset:
+    """The file meta group (0002) at the handle's position; the handle is left after it."""
+    return FileMetaDataset(read_encoded_dataset(handle, is_implicit_VR=False, is_little_endian=True,
+                                                stop_when=lambda tag, vr, length: tag >> 16 != 2))
+
+
+def _read_deflated_file(path: Path, *, stop_before_pixels: bool, force: bool) -> FileDataset | None:
+    """``path`` read through ``read_deflated`` if its file meta names the Deflated syntax, else None."""
+    with open(path, "rb") as handle:
+        try:
+            preamble = read_preamble(handle, force)
+            file_meta = _file_meta(handle)
+        except DICOM_READ_ERRORS:
+            return None  # pydicom's own reader says what is wrong with it
+        if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+        dataset = read_deflated(handle, str(path), stop_before_pixels=stop_before_pixels)
+    ds = FileDataset(str(path), dataset, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
+                     is_little_endian=True)
+    ds.set_original_encoding(False, True, dataset.original_character_set)
+    return ds
+
+
 def read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     """Read one DICOM file (with or without preamble), every element decoded now.
 
@@ -79,12 +282,14 @@ def read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     ``DICOM_READ_ERRORS`` for a damaged one: pydicom decodes elements when first
     used, so a damaged element would otherwise fail later, anywhere. A data set
     written without file meta gets the TransferSyntaxUID pydicom detected its encoding
-    as, so that its pixels can be decoded.
+    as, so that its pixels can be decoded. A Deflated one is inflated no further than
+    it is read (``read_deflated``): its header costs what precedes the pixel data.
     """
     kind = dicom_kind(path)
     if not kind:
         raise InvalidDicomError(f"{path}: not a DICOM file")
-    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=kind == "headless")
+    ds = (_read_deflated_file(path, stop_before_pixels=stop_before_pixels, force=kind == "headless")
+          or pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=kind == "headless"))
     ds.file_meta.walk(lambda dataset, element: None)
     ds.walk(lambda dataset, element: None)
     if not ds.file_meta.get("TransferSyntaxUID"):

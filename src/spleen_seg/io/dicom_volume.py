@@ -13,13 +13,16 @@ coordinates with x and y negated).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
-from spleen_seg.errors import InputImageError, library_message
+from spleen_seg.errors import InputImageError, ResourceError, format_bytes, library_message
 from spleen_seg.io.dicom import DicomSeries
 from spleen_seg.io.dicom_files import (
     DICOM_READ_ERRORS,
@@ -44,8 +47,7 @@ HIGHDICOM_ERRORS = (ValueError, RuntimeError, KeyError, AttributeError, TypeErro
 
 
 def _where(series: DicomSeries) -> str:
-    part = f" (part {series.part})" if series.part else ""
-    return f"series {series.series_uid}{part} in {series.folder}"
+    return series.label
 
 
 def _check_same(values: list[np.ndarray], name: str, tolerance: float, series: DicomSeries) -> np.ndarray:
@@ -75,18 +77,19 @@ def _check_spacing(positions: np.ndarray, series: DicomSeries) -> float:
     return spacing
 
 
+def _read_file(path: Path, series: DicomSeries, *, stop_before_pixels: bool) -> Dataset:
+    try:
+        return read_dataset(path, stop_before_pixels=stop_before_pixels)
+    except DICOM_READ_ERRORS as err:
+        raise InputImageError(f"{_where(series)}: cannot read {path} ({err.__class__.__name__}: {library_message(err)})") from err
+
+
 def _load_datasets(series: DicomSeries, stop_before_pixels: bool) -> list[Dataset]:
     if series.error:
         raise InputImageError(series.error)
     if not series.files:
         raise InputImageError(f"{_where(series)}: no files")
-    datasets: list[Dataset] = []
-    for path in series.files:
-        try:
-            datasets.append(read_dataset(path, stop_before_pixels=stop_before_pixels))
-        except DICOM_READ_ERRORS as err:
-            raise InputImageError(f"{_where(series)}: cannot read {path} ({err.__class__.__name__}: {library_message(err)})") from err
-    return datasets
+    return [_read_file(path, series, stop_before_pixels=stop_before_pixels) for path in series.files]
 
 
 def _series_geometry(datasets: list[Dataset], series: DicomSeries) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -145,7 +148,16 @@ def _check_volume(array: np.ndarray, series: DicomSeries) -> None:
         raise InputImageError(f"{_where(series)}: image is constant ({array.flat[0]:g} everywhere), nothing to segment")
 
 
-def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+def _allocate(shape: tuple[int, int, int], series: DicomSeries) -> np.ndarray:
+    try:
+        return np.empty(shape, dtype=np.float32)
+    except MemoryError as err:
+        raise ResourceError(f"{_where(series)}: reading needs ~{format_bytes(np.dtype(np.float32).itemsize * math.prod(shape))} "
+                            f"({'x'.join(map(str, shape))} voxels as float32), more than this machine can allocate") from err
+
+
+def read_series(series: DicomSeries, *, check_geometry: Callable[[Geometry], object] | None = None
+                ) -> tuple[np.ndarray, Geometry]:
     """Read a CT volume in Hounsfield units.
 
     Returns ``(array, geometry)``: ``array`` is float32 of shape (X, Y, Z) =
@@ -153,23 +165,32 @@ def read_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
     values ``stored * RescaleSlope + RescaleIntercept`` per slice.
     ``geometry.affine_ras`` maps (i=column, j=row, k=slice, 1) to RAS+ mm; for a
     standard axial series (ImageOrientationPatient 1,0,0,0,1,0) its axis codes are LPS.
+    The headers are read first (a Deflated file's only as far as its pixel data) and
+    ``check_geometry``, when given, is called with the geometry they declare before the
+    volume is allocated or any pixel decoded (the caller's memory bound raises there);
+    then the files are decoded one at a time into the volume.
     Raises ``InputImageError`` for the error ``find_series`` recorded, a single slice,
     mixed orientations or pixel grids, duplicate or missing slices, uneven spacing,
-    undecodable pixels or a constant image.
+    undecodable pixels or a constant image; ``ResourceError`` when the volume cannot be
+    allocated.
     """
     if series.multiframe:
-        return _read_multiframe(series)
-    datasets, series = _sorted(_load_datasets(series, stop_before_pixels=False), series)
-    shape, affine_ras = _series_geometry(datasets, series)
-    array = np.empty(shape, dtype=np.float32)
-    for k, (path, ds) in enumerate(zip(series.files, datasets, strict=True)):
-        pixels = slice_hu(ds, path, _where(series))
+        return _read_multiframe(series, check_geometry)
+    headers, series = _sorted(_load_datasets(series, stop_before_pixels=True), series)
+    shape, affine_ras = _series_geometry(headers, series)
+    geometry = Geometry(shape=shape, affine_ras=affine_ras)
+    if check_geometry is not None:
+        check_geometry(geometry)
+    del headers
+    array = _allocate(shape, series)
+    for k, path in enumerate(series.files):
+        pixels = slice_hu(_read_file(path, series, stop_before_pixels=False), path, _where(series))
         if pixels.shape != (shape[1], shape[0]):
             raise InputImageError(f"{_where(series)}: {path} decodes to {pixels.shape} pixels, its header says "
                                   f"{(shape[1], shape[0])} (rows, columns)")
         array[:, :, k] = pixels.T
     _check_volume(array, series)
-    return array, Geometry(shape=shape, affine_ras=affine_ras)
+    return array, geometry
 
 
 # --- multi-frame (enhanced) CT ---------------------------------------------------------
@@ -206,30 +227,64 @@ def multiframe_slice_index(ds: Dataset) -> list[int]:
     return index.tolist()
 
 
-def _read_multiframe(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+def _lps_affine(volume_affine: np.ndarray, depth: int) -> tuple[np.ndarray, bool]:
+    """highdicom's (slices, rows, columns) affine to LPS as ours: (columns, rows, slices), slices in
+    increasing position along row x column direction; and whether the slices must be reversed for it."""
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0], affine_lps[:3, 1], affine_lps[:3, 2] = volume_affine[:3, 2], volume_affine[:3, 1], volume_affine[:3, 0]
+    affine_lps[:3, 3] = volume_affine[:3, 3]
+    reverse = bool(np.dot(np.cross(affine_lps[:3, 0], affine_lps[:3, 1]), affine_lps[:3, 2]) < 0)
+    if reverse:
+        affine_lps[:3, 3] += affine_lps[:3, 2] * (depth - 1)
+        affine_lps[:3, 2] *= -1
+    return affine_lps, reverse
+
+
+def _not_one_volume(series: DicomSeries, path: Path, why: str) -> InputImageError:
+    return InputImageError(f"{_where(series)}: cannot read the multi-frame CT {path} as one volume ({why}); "
+                           "export the series as single-frame CT images")
+
+
+def _multiframe_geometry(header: Dataset, series: DicomSeries) -> Geometry:
+    """The geometry a multi-frame CT's header declares (its functional groups), no frame decoded."""
+    import highdicom as hd
+
+    path = series.files[0]
+    try:
+        volume = hd.Image.from_dataset(header, copy=False).get_volume_geometry()
+    except HIGHDICOM_ERRORS as err:
+        raise _not_one_volume(series, path, f"{err.__class__.__name__}: {library_message(err)}") from err
+    if volume is None or len(volume.spatial_shape) != 3:
+        raise _not_one_volume(series, path, "its frames are not a regularly spaced volume")
+    depth, rows, columns = (int(n) for n in volume.spatial_shape)
+    affine_lps, _ = _lps_affine(volume.affine, depth)
+    return Geometry(shape=(columns, rows, depth), affine_ras=LPS_TO_RAS @ affine_lps)
+
+
+def _read_multiframe(series: DicomSeries, check_geometry: Callable[[Geometry], object] | None
+                     ) -> tuple[np.ndarray, Geometry]:
     """An enhanced CT file through highdicom, then put into our axis convention and checked frame by frame."""
     import highdicom as hd
 
+    (header,) = _load_datasets(series, stop_before_pixels=True)
+    if check_geometry is not None:
+        check_geometry(_multiframe_geometry(header, series))
+    del header
     (dataset,) = _load_datasets(series, stop_before_pixels=False)
     path = series.files[0]
     try:
         volume = hd.Image.from_dataset(dataset, copy=False).get_volume(dtype=np.float32)
         index = multiframe_slice_index(dataset)
     except HIGHDICOM_ERRORS as err:
-        raise InputImageError(f"{_where(series)}: cannot read the multi-frame CT {path} as one volume "
-                              f"({err.__class__.__name__}: {library_message(err)}); export the series as single-frame CT images") from err
+        raise _not_one_volume(series, path, f"{err.__class__.__name__}: {library_message(err)}") from err
     if volume.array.ndim != 3 or volume.spatial_shape[0] != len(index):
         raise InputImageError(f"{_where(series)}: the multi-frame CT {path} has {len(index)} frames but makes a volume "
                               f"of shape {volume.spatial_shape}; export the series as single-frame CT images")
     # highdicom: (slices, rows, columns), affine to LPS. Ours: (columns, rows, slices), RAS.
     array = np.ascontiguousarray(volume.array.transpose(2, 1, 0))
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0], affine_lps[:3, 1], affine_lps[:3, 2] = volume.affine[:3, 2], volume.affine[:3, 1], volume.affine[:3, 0]
-    affine_lps[:3, 3] = volume.affine[:3, 3]
-    if np.dot(np.cross(affine_lps[:3, 0], affine_lps[:3, 1]), affine_lps[:3, 2]) < 0:
+    affine_lps, reverse = _lps_affine(volume.affine, array.shape[2])
+    if reverse:
         array = np.ascontiguousarray(array[:, :, ::-1])
-        affine_lps[:3, 3] += affine_lps[:3, 2] * (array.shape[2] - 1)
-        affine_lps[:3, 2] *= -1
     affine_ras = LPS_TO_RAS @ affine_lps
     # Frame f must lie on slice index[f] of this grid: the SEG writer relies on it.
     inverse = np.linalg.inv(affine_lps)

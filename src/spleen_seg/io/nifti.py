@@ -36,9 +36,24 @@ READ_SLAB_BYTES = 32 << 20
 # No body is 10 m long: a field of view beyond this along any axis is a corrupt voxel size,
 # refused before the resampled grid for it is allocated.
 MAX_FIELD_OF_VIEW_MM = 10_000.0
-# nibabel also opens these by extension; their ratio has no small bound, so only the
-# memory check applies to them.
-OTHER_COMPRESSIONS = (".bz2", ".zst")
+# bzip2 cannot expand one byte into more than about 1.5 million: a block holds at most
+# 900,000 bytes after its first run-length pass, which turns a run of 255 equal bytes into
+# 5 (45.9 MB of input), and a block takes at least about 25 bytes (magic, CRC, origin
+# pointer, symbol map, two coding tables, selectors); 1 GB of zeros measured 1.39 million:1.
+BZIP2_MAX_RATIO = 2_000_000
+# Zstandard cannot expand one byte into more than 32768: a block makes at most 128 KiB
+# and takes at least 4 bytes (a 3-byte block header and one byte, an RLE block).
+ZSTD_MAX_RATIO = 32_768
+# nibabel opens these by extension; what each codec can at most expand a byte into, and its name.
+MAX_EXPANSION = {".gz": (DEFLATE_MAX_RATIO, "deflate"), ".bz2": (BZIP2_MAX_RATIO, "bzip2"),
+                 ".zst": (ZSTD_MAX_RATIO, "zstd")}
+# Header extensions (between the header and vox_offset): kilobytes in practice (a DICOM
+# header, JSON sidecar); more than this is a corrupt header, refused before nibabel reads it.
+HEADER_EXTENSIONS_MAX_BYTES = 64 << 20
+EXTENSION_HEAD_BYTES = 8  # esize, ecode (int32 each)
+EXTENSION_FLAG_BYTES = 4
+MIN_EXTENSION_BYTES = 16  # nibabel stops reading extensions when less room is left
+SKIP_STEP_BYTES = 1 << 20
 MIN_AFFINE_DETERMINANT = 1e-9  # mm^3 per voxel: below this the affine is singular
 NIBABEL_LOGGER = "nibabel.global"
 
@@ -117,12 +132,59 @@ _READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderData
                 zlib.error, gzip.BadGzipFile)
 
 
+def _extensions_error(path: Path) -> str:
+    """Why the header extensions of ``path`` must not be read, "" when they may.
+
+    nibabel reads each extension whole, as long as its esize says, before anything
+    checks it, and however little room vox_offset leaves: a 2 kB ``.nii.bz2`` declaring
+    one extension of 256 MB made ``nib.load`` inflate 256 MB. Here the fixed header and
+    each extension's 8-byte head are read, the contents skipped, at most
+    ``HEADER_EXTENSIONS_MAX_BYTES`` in all. What this cannot parse is left to nibabel.
+    """
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            first = handle.read(4)
+            sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+            klass = next((k for k in (nib.Nifti1Header, nib.Nifti2Header) if k.sizeof_hdr in sizes), None)
+            if klass is None:
+                return ""
+            header = klass(first + handle.read(klass.sizeof_hdr - 4), check=False)
+            flag = handle.read(EXTENSION_FLAG_BYTES)
+            if len(flag) < EXTENSION_FLAG_BYTES or flag[0] == 0:
+                return ""
+            room = float(header["vox_offset"]) - (klass.sizeof_hdr + EXTENSION_FLAG_BYTES)
+            if not room <= HEADER_EXTENSIONS_MAX_BYTES:
+                return (f"the header leaves {format_bytes(room)} for header extensions before the voxels (vox_offset "
+                        f"{float(header['vox_offset']):.0f}), more than any image needs "
+                        f"({format_bytes(HEADER_EXTENSIONS_MAX_BYTES)}): corrupt header")
+            while room >= MIN_EXTENSION_BYTES:
+                head = handle.read(EXTENSION_HEAD_BYTES)
+                if len(head) < EXTENSION_HEAD_BYTES:
+                    return ""
+                esize = int(np.frombuffer(head[:4], dtype=f"{header.endianness}i4")[0])
+                if esize > room:
+                    return (f"a header extension declares {format_bytes(esize)} where vox_offset leaves room for "
+                            f"{format_bytes(room)}: corrupt header")
+                if esize < EXTENSION_HEAD_BYTES:
+                    return ""
+                remaining = esize - EXTENSION_HEAD_BYTES
+                while remaining > 0 and (skipped := len(handle.read(min(SKIP_STEP_BYTES, remaining)))):
+                    remaining -= skipped
+                room -= esize
+    except _READ_ERRORS:
+        return ""
+    return ""
+
+
 def _load(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
     """The image (header parsed, voxels not read) and the header fixes nibabel applied."""
     if not path.exists():
         raise InputImageError(f"{path}: file not found")
     if not path.is_file():
         raise InputImageError(f"{path}: not a file")
+    refused = _extensions_error(path)
+    if refused:
+        raise InputImageError(f"{path}: {refused}")
     try:
         with _HEADER_FIXES.collect() as fixes:
             # keep_file_open: the slab reads continue one gzip stream instead of re-inflating it from the start.
@@ -163,12 +225,13 @@ def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
     size = path.stat().st_size
     declared = f"{'x'.join(str(n) for n in image.shape)} {dtype.name} voxels ({format_bytes(voxel_bytes)})"
     compression = path.suffix.lower()
-    if compression == ".gz":
-        if offset + voxel_bytes > DEFLATE_MAX_RATIO * size:
+    if compression in MAX_EXPANSION:
+        ratio, codec = MAX_EXPANSION[compression]
+        if offset + voxel_bytes > ratio * size:
             raise InputImageError(f"{path}: the header declares {declared} but the compressed file holds "
-                                  f"{format_bytes(size)}, which deflate cannot expand beyond "
-                                  f"{format_bytes(DEFLATE_MAX_RATIO * size)}: truncated file or corrupt header")
-    elif compression not in OTHER_COMPRESSIONS and offset + voxel_bytes > size:
+                                  f"{format_bytes(size)}, which {codec} cannot expand beyond "
+                                  f"{format_bytes(ratio * size)}: truncated file or corrupt header")
+    elif offset + voxel_bytes > size:
         raise InputImageError(f"{path}: the header declares {declared} at offset {offset} but the file holds "
                               f"{format_bytes(size)}: truncated file or corrupt header")
 

@@ -25,10 +25,18 @@ PLAIN_VALUE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 
 def _logfmt(value: Any) -> str:
+    """A logfmt value: plain, or quoted with JSON's escapes (control characters, non-ASCII, and DEL,
+    which JSON leaves as it is), so no peer-chosen text can move a terminal's cursor or split a line."""
     text = str(value)
     if text and set(text) <= PLAIN_VALUE:
         return text
-    return json.dumps(text)
+    return json.dumps(text).replace("\x7f", "\\u007f")
+
+
+def terminal_text(text: str) -> str:
+    """Peer-chosen text (a series key, an error naming a UID) for a terminal: as it is when every
+    character is printable, else quoted and escaped as the log lines are (``_logfmt``)."""
+    return text if text.isprintable() else _logfmt(text)
 
 
 def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
@@ -57,11 +65,18 @@ def purge_expired(table: JobTable, spool: Spool, keep_days: float, now: float) -
     the status keeps the history and a resent series is still recognised. Returns the
     series keys purged.
     """
-    expired = table.expired_series(now - keep_days * SECONDS_PER_DAY)
-    for series_key, job_ids in expired.items():
-        spool.purge_series(series_key, job_ids)
-        table.mark_purged(series_key)
-    return list(expired)
+    cutoff = now - keep_days * SECONDS_PER_DAY
+    purged = []
+    for series_key in table.expired_series(cutoff):
+        # The choice is checked again, and the files moved away, in one transaction with the
+        # receiver (see JobTable.purge_if_expired): an instance acknowledged since is never deleted.
+        done = table.purge_if_expired(series_key, cutoff, spool.retire_series)
+        if done is None:
+            continue
+        job_ids, retired = done
+        spool.delete_retired(retired, job_ids)
+        purged.append(series_key)
+    return purged
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -124,7 +139,7 @@ def format_status(spool_dir: Path, table: JobTable, limit: int | None = None) ->
         if len(error) > STATUS_ERROR_CHARS:
             error = error[:STATUS_ERROR_CHARS - 3] + "..."
         rows.append((str(record["id"]), record["state"], _time(record["updated_at"]), str(record["instances"]),
-                     str(record["attempts"]), sent, record["series_key"], error))
+                     str(record["attempts"]), sent, terminal_text(record["series_key"]), terminal_text(error)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +93,29 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_by_state ON results (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS results_by_job ON results (job_id);
 """
+TABLES = ("jobs", "instances", "results")
+
+
+class RecordRefused(Exception):
+    """A received instance was not recorded (the transaction rolled back): its C-STORE gets a failure status."""
+
+
+def is_job_table(path: Path) -> bool:
+    """True when ``path`` is an SQLite database holding a job table of this schema version.
+
+    Opens the file read-only; with a WAL database SQLite still creates ``-wal``/``-shm``
+    files beside it, so pass a copy when the folder may not be ours.
+    """
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return version == SCHEMA_VERSION and set(TABLES) <= tables
 
 
 @dataclass(frozen=True)
@@ -228,13 +251,19 @@ class JobTable:
                            "WHERE i.sop_instance_uid = ?", (sop_instance_uid,))
         return bool(rows) and rows[0][0] != FAILED
 
-    def record_instance(self, item: NewInstance, now: float) -> Job | None:
+    def record_instance(self, item: NewInstance, now: float, *, file: Path | None = None,
+                        max_series_instances: int | None = None) -> Job | None:
         """Record a durable instance; returns the job it joined or opened, None for a duplicate.
 
         A duplicate (see ``is_duplicate``) changes nothing, except that it keeps a series
-        still being received from completing mid-transfer.
+        still being received from completing mid-transfer. Raises ``RecordRefused``, recording
+        nothing, when ``file`` (the instance's spool file) is no longer there, checked inside
+        the transaction (retention moves a series' folder away inside its own, see
+        ``purge_if_expired``), or when the series already holds ``max_series_instances``.
         """
         with self._transaction() as db:
+            if file is not None and not file.is_file():
+                raise RecordRefused("its series' files were removed by retention while it was written; send it again")
             latest = db.execute("SELECT * FROM jobs WHERE series_key = ? ORDER BY id DESC LIMIT 1",
                                 (item.series_key,)).fetchone()
             previous = db.execute("SELECT j.state FROM instances i JOIN jobs j ON j.id = i.job_id "
@@ -244,6 +273,12 @@ class JobTable:
                     db.execute("UPDATE jobs SET last_instance_at = ?, updated_at = ? WHERE id = ?",
                                (now, now, latest["id"]))
                 return None
+            if max_series_instances is not None:
+                held = db.execute("SELECT COUNT(*) FROM instances WHERE series_key = ? AND path IS NOT NULL "
+                                  "AND sop_instance_uid != ?", (item.series_key, item.sop_instance_uid)).fetchone()[0]
+                if held >= max_series_instances:
+                    raise RecordRefused(f"series {item.series_key} already holds {held} instances in the spool "
+                                        f"(--max-series-instances {max_series_instances})")
             if latest is not None and latest["state"] in (RECEIVING, COMPLETE):
                 job_id = latest["id"]
                 db.execute("UPDATE jobs SET state = ?, instances = instances + 1, last_instance_at = ?, updated_at = ?,"
@@ -399,8 +434,26 @@ class JobTable:
         return {row[0]: [r[0] for r in self._query("SELECT id FROM jobs WHERE series_key = ?", (row[0],))]
                 for row in rows}
 
-    def mark_purged(self, series_key: str) -> None:
-        """Retention removed the series' files: forget their paths, keep the UIDs (a resend stays a duplicate)."""
+    def purge_if_expired(self, series_key: str, cutoff: float,
+                         retire: Callable[[str], Path | None]) -> tuple[list[int], Path | None] | None:
+        """Retention of one series, in one transaction with the receiver's ``record_instance``.
+
+        If the series' latest job is still finished before ``cutoff`` (an instance recorded
+        since ``expired_series`` chose it opened a new job, and then nothing happens),
+        ``retire(series_key)`` moves its files out of place and the series is marked purged:
+        paths forgotten, UIDs kept (a resend stays a duplicate). An instance written but not
+        yet recorded when its folder moved is refused by ``record_instance`` (its file is
+        gone), so no acknowledged instance is ever among the files retired. Returns the
+        series' job ids and what ``retire`` returned, or None when the series is not expired.
+        """
         with self._transaction() as db:
+            latest = db.execute("SELECT state, updated_at, purged FROM jobs WHERE series_key = ? ORDER BY id DESC "
+                                "LIMIT 1", (series_key,)).fetchone()
+            if latest is None or latest["purged"] or latest["state"] not in FINISHED_STATES \
+                    or latest["updated_at"] >= cutoff:
+                return None
+            retired = retire(series_key)
             db.execute("UPDATE instances SET path = NULL WHERE series_key = ?", (series_key,))
             db.execute("UPDATE jobs SET purged = 1 WHERE series_key = ?", (series_key,))
+            job_ids = [row[0] for row in db.execute("SELECT id FROM jobs WHERE series_key = ?", (series_key,))]
+            return job_ids, retired

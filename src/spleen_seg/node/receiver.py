@@ -4,7 +4,11 @@ A C-STORE is answered with success only once the instance is durable (spool file
 fsync'd and renamed, job-table row committed); any failure before that is answered
 with a failure status, so the sender keeps the instance and can send it again.
 Associations are accepted from the allowed calling AE titles only (when given), for
-the node's own AE title, and up to ``max_associations`` at a time. Presentation
+the node's own AE title, and up to ``max_associations`` at a time; what a peer may cost
+before that (connections, allowed hosts, PDU and dataset sizes, timeouts, the TLS
+handshake) is bounded by ``transport.GuardedServer``. The spool's quota (bytes of
+received instances, instances per series) is answered with Out of Resources, which
+the sender retries. Presentation
 contexts are CT Image Storage and Enhanced CT Image Storage in every transfer syntax
 that pydicom can decode here, plus Verification; other SOP classes are refused at
 negotiation, as a DICOM SCP does for what it cannot store.
@@ -21,19 +25,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, generate_uid
+from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian, EnhancedCTImageStorage, generate_uid
 
 from spleen_seg.errors import NodeError
 from spleen_seg.node.bookkeeper import log_event
-from spleen_seg.node.jobs import JobTable, NewInstance
+from spleen_seg.node.jobs import JobTable, NewInstance, RecordRefused
 from spleen_seg.node.settings import NodeSettings, TlsFiles
-from spleen_seg.node.spool import Spool
+from spleen_seg.node.spool import Spool, SpoolQuotaExceeded
 
 if TYPE_CHECKING:
-    from pynetdicom.transport import ThreadedAssociationServer
+    from spleen_seg.node.transport import GuardedServer
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,25 @@ def instance_record(ds: Dataset, sop_instance_uid: str, sop_class_uid: str, tran
     )
 
 
+def received_dataset(event: Any, max_pixel_bytes: int) -> Dataset:
+    """The C-STORE request's data set, decoded; a Deflated one's header only, once its stream checked.
+
+    pynetdicom inflates a Deflated data set whole to decode it: a 128 KiB instance of
+    8192 x 8192 zero pixels cost 256 MiB. Here the header is read by the bounded reader,
+    the declared pixel data must stay within ``max_pixel_bytes`` (the node's
+    ``--max-instance-size``, the bound every other instance meets on the wire) and what the
+    compressed bytes can hold, and the rest is inflated only to check it, counted and
+    dropped (``io.dicom_files.check_deflated``). Raises what the decoder raises.
+    """
+    if event.context.transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return event.dataset
+    from spleen_seg.io.dicom_files import check_deflated
+
+    stream = event.request.DataSet
+    stream.seek(0)
+    return check_deflated(stream, "the received data set", max_pixel_bytes=max_pixel_bytes)
+
+
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     """TLS for incoming associations; with a CA file, clients must present a certificate it signed."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -127,7 +150,7 @@ class Receiver:
         self.spool = spool
         self.table = table
         self.clock = clock
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
 
@@ -142,10 +165,18 @@ class Receiver:
         """Bind and listen; raises ``NodeError`` when the address is taken or not allowed."""
         from pynetdicom import AE, evt
 
+        from spleen_seg.node.transport import GuardedServer, PeerLimits
+
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
         ae.require_calling_aet = list(self.settings.allowed_callers)
         ae.require_called_aet = True
+        # ARTIM (no association request), an established association left silent, a DIMSE reply.
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.settings.idle_timeout_seconds
+        limits = PeerLimits(max_connections=self.settings.connection_limit,
+                            idle_timeout_seconds=self.settings.idle_timeout_seconds,
+                            max_pdata_bytes=ae.maximum_pdu_size, max_instance_bytes=self.settings.max_instance_bytes,
+                            allowed_hosts=self.settings.allowed_hosts)
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
@@ -156,7 +187,8 @@ class Receiver:
         context = server_ssl_context(self.settings.tls) if self.settings.tls else None
         address = (self.settings.host, self.settings.port)
         try:
-            self._server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=context)
+            server = cast(GuardedServer, ae.make_server(address, evt_handlers=handlers, ssl_context=context,
+                                                        server_class=GuardedServer, limits=limits))
         except OSError as err:
             where = f"{self.settings.host}:{self.settings.port}"
             if err.errno == errno.EADDRINUSE:
@@ -166,6 +198,8 @@ class Receiver:
                 raise NodeError(f"not allowed to listen on {where} (ports below 1024 need privileges); "
                                 "pass --port 11112 or another port above 1023") from None
             raise NodeError(f"cannot listen on {where}: {err.strerror}; check --host and --port") from None
+        threading.Thread(target=server.serve_forever, name="spleen-seg-receiver", daemon=True).start()
+        self._server = server
 
     def stop(self) -> None:
         if self._server is not None:
@@ -243,7 +277,7 @@ class Receiver:
         sop_class = str(request.AffectedSOPClassUID or "").strip()
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            ds = event.dataset
+            ds = received_dataset(event, self.settings.max_instance_bytes)
             record = instance_record(ds, sop_uid, sop_class, str(event.context.transfer_syntax), calling)
         # A peer's bytes can break the decoder in many ways pydicom does not type; whatever
         # it is, the answer is a failure status (the sender keeps the instance) and a log line.
@@ -258,16 +292,30 @@ class Receiver:
         if self.table.is_duplicate(sop_uid):
             self.table.record_instance(record, self.clock())  # a duplicate only delays completion
             return STATUS_SUCCESS, record.series_key, True
+        return self._spool(record, event.encoded_dataset())
+
+    def _spool(self, record: NewInstance, data: bytes) -> tuple[int, str, bool]:
+        """Write a new instance and record it; Out of Resources (retried by the sender) when the spool is full."""
+        def refused(reason: str, level: int) -> tuple[int, str, bool]:
+            log_event(logger, "instance", result="refused", calling_ae=record.calling_ae,
+                      sop_instance_uid=record.sop_instance_uid, series=record.series_key, reason=reason, level=level)
+            return STATUS_OUT_OF_RESOURCES, record.series_key, False
+
         free = shutil.disk_usage(self.spool.root).free
         if free < MIN_FREE_BYTES:
-            log_event(logger, "instance", result="refused", calling_ae=calling, sop_instance_uid=sop_uid,
-                      reason=f"spool disk nearly full ({free // 1024**2} MiB free)", level=logging.ERROR)
-            return STATUS_OUT_OF_RESOURCES, record.series_key, False
+            return refused(f"spool disk nearly full ({free // 1024**2} MiB free)", logging.ERROR)
+        path = None
         try:
-            path = self.spool.write_instance(record.series_key, sop_uid, event.encoded_dataset())
-            job = self.table.record_instance(replace(record, path=path), self.clock())
+            path = self.spool.write_instance(record.series_key, record.sop_instance_uid, data,
+                                             quota_bytes=self.settings.spool_quota_bytes)
+            job = self.table.record_instance(replace(record, path=path), self.clock(), file=self.spool.root / path,
+                                             max_series_instances=self.settings.max_series_instances)
+        except SpoolQuotaExceeded as err:
+            return refused(str(err), logging.WARNING)
+        except RecordRefused as err:
+            # Rolled back: nothing refers to the file, which goes (the sender keeps the instance).
+            self.spool.remove_instance(str(path))
+            return refused(str(err), logging.WARNING)
         except (OSError, sqlite3.Error) as err:
-            log_event(logger, "instance", result="refused", calling_ae=calling, sop_instance_uid=sop_uid,
-                      reason=f"cannot write the spool ({err})", level=logging.ERROR)
-            return STATUS_OUT_OF_RESOURCES, record.series_key, False
+            return refused(f"cannot write the spool ({err})", logging.ERROR)
         return STATUS_SUCCESS, record.series_key, job is None

@@ -22,7 +22,7 @@ from spleen_seg.node.jobs import JobTable
 from spleen_seg.node.processor import load_model, process_next
 from spleen_seg.node.receiver import Receiver
 from spleen_seg.node.router import complete_quiet_series, tick_seconds
-from spleen_seg.node.settings import NodeSettings
+from spleen_seg.node.settings import NodeSettings, format_size
 from spleen_seg.node.spool import Spool
 
 logger = logging.getLogger("spleen_seg.node")
@@ -125,6 +125,10 @@ def serve(settings: NodeSettings, clock: Callable[[], float] = time.time) -> int
         receiver.start()
         log_event(logger, "node", state="listening", ae_title=settings.ae_title, host=settings.host,
                   port=receiver.port, allowed_callers=",".join(settings.allowed_callers) or "any",
+                  allowed_hosts=",".join(map(str, settings.allowed_hosts)) or "any",
+                  max_connections=settings.connection_limit, idle_timeout=settings.idle_timeout_seconds,
+                  max_instance_size=format_size(settings.max_instance_bytes),
+                  spool_quota=format_size(settings.spool_quota_bytes), max_series_instances=settings.max_series_instances,
                   targets=",".join(settings.targets) or "none (results stay in the spool)",
                   quiet_seconds=settings.quiet_seconds, keep_days=settings.keep_days, tls=settings.tls is not None,
                   spool=settings.spool, pid=os.getpid())

@@ -6,6 +6,7 @@ the CLI can turn it into a one-line flag error before anything starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,35 @@ MIN_QUIET_SECONDS = 0.5
 DEFAULT_KEEP_DAYS = 7.0
 # pynetdicom's own default; each association is one thread.
 DEFAULT_MAX_ASSOCIATIONS = 10
+# TCP connections, handshaking or associated: by default twice the associations, so a peer
+# over the association limit still gets a DICOM rejection (transient) rather than a closed
+# socket, while a flood of connections is cut at the accept.
+CONNECTIONS_PER_ASSOCIATION = 2
+# A connection that sends nothing for this long is closed; the TLS handshake, then the
+# association request, must each be complete within this long. dcmtk's and pynetdicom's
+# ACSE timeout.
+DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
+MIN_IDLE_TIMEOUT_SECONDS = 0.5
+MIB = 1024**2
+GIB = 1024**3
+# The largest CT instance a PACS sends is an Enhanced CT (one multi-frame instance per
+# acquisition): 2000 frames of 512 x 512 x 16 bits (a 1 m scan at 0.5 mm) are 1000 MiB.
+# Single-frame slices are 0.5 MiB (512^2), 2 MiB (1024^2), 8 MiB (2048^2, ultra-high
+# resolution). While an instance arrives pynetdicom holds it in memory (and decoding and
+# writing copy it), so the node's worst case is a few times --max-associations times this.
+DEFAULT_MAX_INSTANCE_BYTES = 1 * GIB
+# Received instances the spool holds at most (results are not counted): about 300 CT series
+# of 600 slices, two weeks of 20 series a day under the default --keep-days 7.
+DEFAULT_SPOOL_QUOTA_BYTES = 100 * GIB
+# The largest CT series: a 0.5 mm reconstruction of a 2 m whole-body scan is 4000 slices.
+DEFAULT_MAX_SERIES_INSTANCES = 5000
 # DICOM AE titles: 1-16 characters of the default character repertoire, no backslash or
 # control characters; leading/trailing spaces are not significant (PS3.5 6.2, VR AE).
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 MAX_PORT = 65535
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -59,7 +85,13 @@ class NodeSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     allowed_callers: tuple[str, ...] = ()
+    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    max_connections: int | None = None  # None: CONNECTIONS_PER_ASSOCIATION x max_associations
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
+    spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA_BYTES
+    max_series_instances: int = DEFAULT_MAX_SERIES_INSTANCES
     quiet_seconds: float = DEFAULT_QUIET_SECONDS
     destinations: tuple[Destination, ...] = ()
     stow_url: str | None = None
@@ -71,6 +103,13 @@ class NodeSettings:
     device: str = "auto"
     backend: str = "auto"
     largest_component: bool = False
+
+    @property
+    def connection_limit(self) -> int:
+        """Simultaneous TCP connections accepted (``--max-connections``, else twice the associations)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return CONNECTIONS_PER_ASSOCIATION * self.max_associations
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -138,3 +177,48 @@ def check_tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles 
         if path is not None and not path.is_file():
             raise NodeError(f"TLS file not found: {path}")
     return TlsFiles(cert=cert, key=key, ca=ca)
+
+
+def parse_size(text: str) -> int:
+    """``100GiB``, ``512MB``, ``2.5GB``, ``4096`` (bytes) -> bytes; at least one byte."""
+    match = SIZE_PATTERN.match(text)
+    if not match:
+        raise NodeError(f"size '{text}' is not a number of bytes with an optional unit; pass e.g. 100GiB, 512MB or 4096")
+    count = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "B").lower()])
+    if count < 1:
+        raise NodeError(f"size '{text}' is zero; pass at least one byte, e.g. 1GiB")
+    return count
+
+
+def format_size(count: int) -> str:
+    """The shortest exact form of a byte count in binary units: ``1GiB``, ``100GiB``, ``1536KiB``."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        size = SIZE_UNITS[unit.lower()]
+        if count % size == 0:
+            return f"{count // size}{unit}"
+    return f"{count}B"
+
+
+def parse_host_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``10.1.2.3,192.168.0.0/24,::1`` -> networks (an address is a network of one)."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise NodeError(f"'{part}' is not an IP address or network; pass addresses or networks such as "
+                            "10.1.2.3,192.168.0.0/24 (host names are not accepted: they are not checked at accept)") \
+                from None
+    if not networks:
+        raise NodeError(f"'{text}' names no address; pass a comma-separated list such as 10.1.2.3,192.168.0.0/24")
+    return tuple(networks)
+
+
+def check_connection_limit(max_connections: int | None, max_associations: int) -> int | None:
+    """``--max-connections`` must leave room for ``--max-associations`` (else that limit never applies)."""
+    if max_connections is not None and max_connections < max_associations:
+        raise NodeError(f"--max-connections {max_connections} is below --max-associations {max_associations}: "
+                        "every association needs a connection; raise --max-connections or lower --max-associations")
+    return max_connections

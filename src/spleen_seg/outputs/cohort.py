@@ -128,6 +128,14 @@ def cohort_page(rows: Sequence[Mapping[str, str]], *, files: CaseFiles, title: s
     return _PLACEHOLDER.sub(lambda match: values[match[1]], _TEMPLATE)
 
 
+def is_cohort_page(head: bytes) -> bool:
+    """Does a file starting with ``head`` start as every version of this page did, up to its title?
+
+    How a batch recognises its own ``index.html`` before replacing it (``batch.ownership``).
+    """
+    return head.startswith(_TEMPLATE[: _TEMPLATE.index("{{title}}")].encode())
+
+
 def write_cohort_page(rows: Sequence[Mapping[str, str]], dest: Path, *, files: CaseFiles, title: str,
                       expected: int | None = None) -> Path:
     """Write :func:`cohort_page` to ``dest`` atomically (a browser reloading it never sees half a page)."""

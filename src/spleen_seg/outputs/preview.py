@@ -31,6 +31,9 @@ FIGURE_SIZE_IN = (13.5, 5.0)
 DPI = 100
 SUBPLOT_LAYOUT = {"left": 0.011, "right": 0.989, "bottom": 0.03, "top": 0.903, "wspace": 0.035}
 LABEL_STYLE = {"color": "yellow", "fontsize": 11, "fontweight": "bold"}
+# Titles hold case ids, which come from file names: plain text, never matplotlib mathtext
+# (a name with two "$" was parsed as TeX and failed its case: "scan$\\foo$").
+PLAIN_TEXT = {"parse_math": False}
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +81,7 @@ def draw_panel(ax, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, fl
     ax.set_axis_off()
     # y given: matplotlib then skips placing the title above tick labels (there are none),
     # which measured every axis' text (0.2 s a preview).
-    ax.set_title(title, y=1.0)
+    ax.set_title(title, y=1.0, **PLAIN_TEXT)
     left, right, top, bottom = labels
     ax.text(0.02, 0.5, left, transform=ax.transAxes, ha="left", va="center", **LABEL_STYLE)
     ax.text(0.98, 0.5, right, transform=ax.transAxes, ha="right", va="center", **LABEL_STYLE)
@@ -110,7 +113,7 @@ def write_preview(image_hu: np.ndarray, mask: np.ndarray, affine_ras: np.ndarray
     draw_panel(axes[2], image[ci, :, :], mask_ras[ci, :, :], (sy, sz), ("A", "P", "S", "I"), f"sagittal (column {ci})")
     for ax in axes:
         ax.title.set_color("white")
-    figure.suptitle(title, color="white", fontsize=13)
+    figure.suptitle(title, color="white", fontsize=13, **PLAIN_TEXT)
     # What tight_layout computes for this figure size and these titles, without its
     # extra draw (0.13 s a preview).
     figure.subplots_adjust(**SUBPLOT_LAYOUT)

@@ -10,8 +10,9 @@ from its read to the outputs, so every stage holds V and adds:
 * resample: at the worst 1D pass (``resample.pass_order``), its input (the previous
   pass's output), its output and the two gathered neighbour arrays of one chunk;
 * windows: the windowed image (4G), its zero-padded copy where an axis is shorter than
-  the window, the window sum (4Gp), the counts and the survey's candidate masks (1Gp
-  each, three at once) and the window batches (in, out and copies);
+  the window, the window sum (4Gp), the counts and the focus's three masks (voxels a
+  window called spleen, the region, its growth: 1Gp each) and the window batches (in,
+  out and copies);
 * inversion: the margin (4Gp), its sign (1Gp), its tanh in the spleen's box (two 4-byte
   arrays), the mask (N bytes) and one slab of interpolated values;
 * outputs: the mask, the components' labels and a bool copy in the spleen's box, and
@@ -26,6 +27,7 @@ is released before the inversion, and the mask is written into its final array.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from spleen_seg.config import RECIPE, Recipe
-from spleen_seg.errors import ResourceError, format_bytes
+from spleen_seg.errors import ConfigError, ResourceError, format_bytes
 from spleen_seg.io.nifti import READ_SLAB_BYTES
 from spleen_seg.pipeline.resample import RESAMPLE_CHUNK_BYTES, Reorientation, pass_order, spacing_grid
 
@@ -42,6 +44,8 @@ FLOAT32_BYTES = 4
 # The raw slab (up to 8 bytes a voxel) or nibabel's scaled copy, per float32 slab byte.
 READ_TEMPORARY_FACTOR = 2
 SPLEEN_BOX_MM = 250.0
+# Grid-sized bool masks of the focused windows (windows.py): seen, region, the region's growth.
+FOCUS_MASKS = 3
 # Labels (int32) and a bool copy of the spleen's box, per box voxel.
 COMPONENT_BYTES_PER_VOXEL = 5
 PREVIEW_BYTES = 32 << 20
@@ -50,6 +54,11 @@ HEADROOM_BYTES = 256 << 20
 # cgroup v1 reports "no limit" as a number near 2**63.
 CGROUP_NO_LIMIT = 1 << 60
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A limit on this process's memory where no cgroup sets one (a shared machine, a scheduler
+# that does not enforce its memory request): bytes, or with a binary suffix K, M, G or T.
+MEMORY_LIMIT_ENV = "SPLEEN_SEG_MEMORY_LIMIT"
+MEMORY_LIMIT_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MEMORY_LIMIT_FORMAT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def estimate_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float
         "read": read_peak_bytes(shape),
         "resample": volume + _resample_bytes(ras_shape, grid_shape),
         "windows": volume + FLOAT32_BYTES * grid + (FLOAT32_BYTES * padded if padded > grid else 0)
-        + (FLOAT32_BYTES + 3) * padded + batches,
+        + (FLOAT32_BYTES + 1 + FOCUS_MASKS) * padded + batches,
         "inversion": volume + (FLOAT32_BYTES + 1) * padded + 2 * FLOAT32_BYTES * grid_box + voxels
         + 3 * min(RESAMPLE_CHUNK_BYTES, FLOAT32_BYTES * box),
         "outputs": volume + voxels + COMPONENT_BYTES_PER_VOXEL * box + PREVIEW_BYTES,
@@ -175,14 +184,35 @@ def _cgroup_free_bytes() -> int | None:
     return None
 
 
+def memory_limit_bytes() -> int | None:
+    """The limit ``SPLEEN_SEG_MEMORY_LIMIT`` sets on this process's memory (bytes), None when unset.
+
+    Raises ``ConfigError`` for a value that is not a size such as ``8G``, ``512M`` or ``1000000``.
+    """
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    found = MEMORY_LIMIT_FORMAT.match(text)
+    if found is None:
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a memory size in bytes, or with a suffix K, M, G "
+                          "or T (binary units), such as 8G or 512M")
+    return int(float(found.group(1)) * MEMORY_LIMIT_UNITS[found.group(2).upper()])
+
+
 def available_bytes() -> int:
     """Memory this process can still allocate: the machine's available memory (psutil),
-    or less where a cgroup limit (a container's) leaves less."""
+    or less where a cgroup limit (a container's) or ``SPLEEN_SEG_MEMORY_LIMIT`` (less this
+    process's resident memory) leaves less. Every memory guard reads free memory here."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
     limited = _cgroup_free_bytes()
-    return free if limited is None else min(free, limited)
+    if limited is not None:
+        free = min(free, limited)
+    limit = memory_limit_bytes()
+    if limit is not None:
+        free = min(free, max(limit - int(psutil.Process().memory_info().rss), 0))
+    return free
 
 
 def require_case_memory(shape: Sequence[int], spacing_or_affine: Sequence[float] | np.ndarray, source: str | Path,

@@ -6,7 +6,7 @@ import zipfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spleen_seg.config import DEVICE_PATTERN, RECIPE, NetworkConfig
 from spleen_seg.errors import ConfigError, WeightsError
@@ -131,8 +131,12 @@ DEFAULT_WEIGHTS_CACHE = Path("~/.cache/spleen-seg/weights")
 CONVENTION_MSD = "msd"
 CONVENTION_TRUE = "true"
 ORIENTATION_CONVENTIONS = (CONVENTION_MSD, CONVENTION_TRUE)
+# ``<weights>.json`` beside a weights file: one record of what they were trained under, each
+# key optional: the orientation convention (below) and the flips (pipeline/tta.py reads those).
 SIDECAR_SUFFIX = ".json"
 SIDECAR_KEY = "orientation_convention"
+FLIPS_KEY = "trained_with_flips"
+SAFE_TTA_AXES_KEY = "safe_tta_axes"
 
 
 def weights_cache_dir() -> Path:
@@ -166,42 +170,72 @@ def download_official_weights(
 
 
 def sidecar_path(weights: str | Path) -> Path:
-    """``model.pt`` -> ``model.pt.json``: optional metadata stored beside a weights file."""
+    """``model.pt`` -> ``model.pt.json``: the record stored beside a weights file."""
     weights = Path(weights)
     return weights.with_name(weights.name + SIDECAR_SUFFIX)
+
+
+def read_weights_record(weights: str | Path) -> dict[str, Any]:
+    """The sidecar ``<weights>.json`` as a dict; ``{}`` when there is none.
+
+    Raises:
+        ConfigError: the sidecar exists but is not a readable JSON object.
+    """
+    import json
+
+    sidecar = sidecar_path(weights)
+    if not sidecar.is_file():
+        return {}
+    expected = f'expected for example {{"{SIDECAR_KEY}": "msd" | "true", "{FLIPS_KEY}": false}}'
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{sidecar}: not a JSON object ({err.__class__.__name__}); {expected}") from err
+    if not isinstance(record, dict):
+        raise ConfigError(f"{sidecar}: not a JSON object (a JSON {type(record).__name__}); {expected}")
+    return record
+
+
+def write_weights_record(weights: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` as the sidecar of ``weights`` (new weights: an earlier record is replaced whole)."""
+    import json
+
+    from spleen_seg.io.atomic import atomic_write_text
+
+    sidecar = sidecar_path(weights)
+    atomic_write_text(sidecar, json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
+    return sidecar
+
+
+def is_official_weights(weights: str | Path) -> bool:
+    """Whether ``weights`` are the model zoo's released weights (by md5)."""
+    from spleen_seg.io.download import file_md5
+
+    return file_md5(Path(weights)) == OFFICIAL_WEIGHTS_MD5
 
 
 def weights_orientation_convention(weights: str | Path, override: str | None = None) -> str:
     """The orientation convention ``weights`` were trained under: ``"msd"`` or ``"true"``.
 
-    In order: ``override`` (the CLI's ``--weights-convention``); a sidecar
-    ``<weights>.json`` holding ``{"orientation_convention": "msd" | "true"}``; the official
-    bundle weights (md5 match) are ``"msd"``; anything else is ``"true"``.
+    In order: ``override`` (the CLI's ``--weights-convention``); the sidecar
+    ``<weights>.json``'s ``"orientation_convention": "msd" | "true"``; the official bundle
+    weights (md5 match) are ``"msd"``; anything else is ``"true"``.
 
     Raises:
         ConfigError: an unknown override, or an unreadable or invalid sidecar.
     """
-    import json
-
-    from spleen_seg.io.download import file_md5
-
     if override is not None:
         if override not in ORIENTATION_CONVENTIONS:
             raise ConfigError(f"orientation convention must be one of {ORIENTATION_CONVENTIONS}, got '{override}'")
         return override
-    sidecar = sidecar_path(weights)
-    if sidecar.is_file():
-        try:
-            value = json.loads(sidecar.read_text(encoding="utf-8")).get(SIDECAR_KEY)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise ConfigError(f"{sidecar}: not a JSON object ({err.__class__.__name__}); "
-                              f'expected {{"{SIDECAR_KEY}": "msd" | "true"}}') from err
+    record = read_weights_record(weights)
+    if SIDECAR_KEY in record:
+        value = record[SIDECAR_KEY]
         if value not in ORIENTATION_CONVENTIONS:
-            raise ConfigError(f"{sidecar}: '{SIDECAR_KEY}' must be one of {ORIENTATION_CONVENTIONS}, got {value!r}")
+            raise ConfigError(f"{sidecar_path(weights)}: '{SIDECAR_KEY}' must be one of {ORIENTATION_CONVENTIONS}, "
+                              f"got {value!r}")
         return str(value)
-    if file_md5(Path(weights)) == OFFICIAL_WEIGHTS_MD5:
-        return CONVENTION_MSD
-    return CONVENTION_TRUE
+    return CONVENTION_MSD if is_official_weights(weights) else CONVENTION_TRUE
 
 
 def default_segment_weights(weights: str | Path | None) -> Path:

@@ -29,7 +29,7 @@ from spleen_seg.pipeline.resample import (
     resample_linear,
     spacing_grid,
 )
-from spleen_seg.pipeline.tta import mirrored_margin
+from spleen_seg.pipeline.tta import check_tta_axes, mirrored_margin
 from spleen_seg.pipeline.windows import WindowStats, spleen_margin, true_span
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,8 @@ class Segmenter:
     # Flip TTA: the margin averaged over mirror images along these axes ("xyz" letters of
     # the RAS grid; "" = none; see tta.py).
     tta_axes: str = ""
+    # What TTA over ``tta_axes`` risks with these weights (tta.check_tta_axes), for every case's report.
+    tta_warning: str | None = None
     last_windows: WindowStats | None = field(default=None, init=False)
     # The last ``predict``'s quality score (quality.py): unsure margins, with TTA also the flips' disagreement.
     last_quality: QualityScore | None = field(default=None, init=False)
@@ -243,6 +245,8 @@ class Segmenter:
             prepared.warnings.append(message)
 
         inf = self.recipe.inference
+        if self.tta_axes and self.tta_warning is not None:
+            prepared.warnings.append(self.tta_warning)
         runner = _OutOfMemoryRetry(self.runner, self.fallback, warn)
         prepared.margin, prepared.windows, agreement = mirrored_margin(prepared.image, lambda view: spleen_margin(
             view, runner, inf.roi_size, inf.overlap, self.runner.batch_size, self.focus_radius, self.progress
@@ -354,11 +358,15 @@ def invert_margin(margin, grid_affine: np.ndarray, ras_shape: tuple[int, ...], r
 
 def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_xy: bool = False,
                    progress: bool = True, all_windows: bool = False, precision: str = "fp32",
-                   tta_axes: str = "") -> Segmenter:
+                   tta_axes: str = "", tta_axes_explicit: bool = True) -> Segmenter:
     """Build the runner for ``weights`` on ``device`` with ``backend`` (see ``backends``).
 
     ``precision="fp16"``: AMP autocast for torch on CUDA, an fp16 engine for TensorRT.
+    ``tta_axes``: flip TTA over these axes; ``tta_axes_explicit=False`` when they are only
+    ``--tta``'s default. Checked against the weights' record before any model loads
+    (``tta.check_tta_axes``): refused, or run with a warning in every case's report.
     """
+    tta_warning = check_tta_axes(weights, tta_axes, explicit=tta_axes_explicit)
     focus = None if all_windows else RECIPE.inference.focus_radius
 
     def cpu_runner() -> Runner:
@@ -366,5 +374,4 @@ def load_segmenter(weights: Path, device: str, backend: str = "auto", *, mirror_
 
     return Segmenter(runner=make_runner(weights, backend, device, precision), mirror_xy=mirror_xy, progress=progress,
                      focus_radius=focus, device=device, fallback=cpu_runner if device.startswith("cuda") else None,
-                     tta_axes=tta_axes)
-
+                     tta_axes=tta_axes, tta_warning=tta_warning)

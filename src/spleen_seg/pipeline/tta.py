@@ -18,21 +18,41 @@ accumulation. The bundle's ``inference.json`` does the same with :class:`Mirrore
 
 The segmenter mirrors MSD-convention weights' inputs left-right and front-back (see
 ``Segmenter.mirror_xy``); flips commute with that, so the axes keep their names.
+
+Mirroring helps only a network trained with mirrored copies: one trained without flips
+(the bundle's recipe, the official weights) sees, mirrored left-right, a spleen on the
+right and a liver on the left, and can return no spleen at all. So the weights' record
+(the sidecar ``<weights>.json``: ``"trained_with_flips"``, optionally ``"safe_tta_axes"``)
+decides, in :func:`check_tta_axes`, which every TTA caller goes through: ``load_segmenter``
+(segment, compare, the Ray actors, library calls) and the bundle's :func:`bundle_inferer`.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spleen_seg.errors import ConfigError
+from spleen_seg.errors import ConfigError, WeightsError
+from spleen_seg.pipeline.network import (
+    FLIPS_KEY,
+    SAFE_TTA_AXES_KEY,
+    is_official_weights,
+    read_weights_record,
+    sidecar_path,
+)
 from spleen_seg.pipeline.windows import WindowStats
 
+logger = logging.getLogger(__name__)
+
 TTA_AXES = "xyz"
+# The warning's first word in a case's report when TTA mirrors axes the weights were not trained on.
+FLAG_TTA_UNTRAINED = "tta_without_flip_training"
 # The sliding window on one (X, Y, Z) image: its margin and the windows it computed.
 SlidingWindow = Callable[[np.ndarray], tuple[np.ndarray, WindowStats]]
 
@@ -59,6 +79,87 @@ def flip_combinations(axes: str | Sequence[str]) -> list[tuple[int, ...]]:
     """
     indices = [TTA_AXES.index(axis) for axis in parse_tta_axes(axes)]
     return [combo for size in range(len(indices) + 1) for combo in itertools.combinations(indices, size)]
+
+
+@dataclass(frozen=True)
+class FlipRecord:
+    """What a weights file's record says about mirroring.
+
+    ``safe_axes``: the axes TTA may mirror without showing the network anatomy it never
+    saw (all three when trained with flips and no axes are named). ``source``: where that
+    came from, for messages.
+    """
+
+    trained_with_flips: bool
+    safe_axes: str
+    source: str
+
+
+def weights_flip_record(weights: str | Path) -> FlipRecord:
+    """The flips ``weights`` were trained with: the sidecar's ``"trained_with_flips"`` (and
+    ``"safe_tta_axes"``), else the official weights (by md5) and weights with no record
+    count as trained without flips, no axis safe.
+
+    Raises:
+        WeightsError: no such weights file.
+        ConfigError: an unreadable sidecar, or one whose flip fields have the wrong type.
+    """
+    if not Path(weights).is_file():
+        raise WeightsError(f"{weights}: weights file not found")
+    record = read_weights_record(weights)
+    sidecar = sidecar_path(weights)
+    if FLIPS_KEY in record:
+        trained = record[FLIPS_KEY]
+        if not isinstance(trained, bool):
+            raise ConfigError(f"{sidecar}: '{FLIPS_KEY}' must be true or false, got {trained!r}")
+        declared = record.get(SAFE_TTA_AXES_KEY, TTA_AXES if trained else "")
+        if not isinstance(declared, str):
+            raise ConfigError(f"{sidecar}: '{SAFE_TTA_AXES_KEY}' must be a string of axes such as \"xy\", "
+                              f"got {declared!r}")
+        try:
+            safe = parse_tta_axes(declared)
+        except ConfigError as err:
+            raise ConfigError(f"{sidecar}: '{SAFE_TTA_AXES_KEY}': {err}") from None
+        return FlipRecord(trained_with_flips=trained, safe_axes=safe, source=f"recorded in {sidecar}")
+    if is_official_weights(weights):
+        return FlipRecord(False, "", "the model zoo's released weights, recognised by checksum")
+    return FlipRecord(False, "", f"no record: no {sidecar.name} beside them and not a known checksum")
+
+
+def check_tta_axes(weights: str | Path, axes: str, *, explicit: bool) -> str | None:
+    """Whether flip TTA over ``axes`` may run with ``weights``; the one place that decides it.
+
+    ``explicit``: the caller named the axes (``--tta-axes``, ``--tta_axes``, a library
+    call); False for ``--tta``'s default of all three. Axes the weights' record declares
+    safe run silently. Others run with the returned warning (for the case's report) when
+    named explicitly, and are refused when they are only ``--tta``'s default. ``""``
+    (no TTA) always returns None.
+
+    Raises:
+        ConfigError: ``--tta``'s default on weights not trained with flips on all three
+            axes (one line: why, and how to proceed), or an invalid weights record.
+    """
+    axes = parse_tta_axes(axes)
+    if not axes:
+        return None
+    record = weights_flip_record(weights)
+    unsafe = "".join(axis for axis in axes if axis not in record.safe_axes)
+    if not unsafe:
+        return None
+    trained = (f"trained with flips along {_axes_text(record.safe_axes)} only" if record.trained_with_flips
+               else "not trained with flips")
+    if not explicit:
+        raise ConfigError(
+            f"--tta refused: {weights} were {trained} ({record.source}); mirroring shows such a network anatomy it "
+            f"never saw and can return an empty mask. Use --tta-axes on axes the weights declare safe "
+            f"({_axes_text(record.safe_axes) or 'none declared'}), or weights trained with mirroring "
+            f'(their {sidecar_path(weights).name} says "{FLIPS_KEY}": true)')
+    return (f"{FLAG_TTA_UNTRAINED}: flip TTA along {_axes_text(unsafe)}, but {weights} were {trained} "
+            f"({record.source}); the mirrored predictions can break the mask")
+
+
+def _axes_text(axes: str) -> str:
+    return ",".join(axes)
 
 
 @dataclass(frozen=True)
@@ -124,6 +225,18 @@ class MirroredInferer:
         return total / len(self.flips)
 
 
-def bundle_inferer(inferer: Any, axes: str | Sequence[str]) -> Any:
-    """``inferer`` itself when ``axes`` is empty (the bundle's default), else a :class:`MirroredInferer`."""
-    return MirroredInferer(inferer, axes) if parse_tta_axes(axes) else inferer
+def bundle_inferer(inferer: Any, axes: str | Sequence[str], weights: str | Path | None = None) -> Any:
+    """``inferer`` itself when ``axes`` is empty (the bundle's default), else a :class:`MirroredInferer`.
+
+    ``weights``: the checkpoint the bundle loads; TTA on axes its record does not declare
+    safe is logged as a warning (``--tta_axes`` names the axes: see :func:`check_tta_axes`).
+    """
+    axes = parse_tta_axes(axes)
+    if not axes:
+        return inferer
+    # A missing checkpoint is the bundle's CheckpointLoader's to report (it runs next).
+    if weights is not None and Path(weights).is_file():
+        warning = check_tta_axes(weights, axes, explicit=True)
+        if warning is not None:
+            logger.warning("%s", warning)
+    return MirroredInferer(inferer, axes)

@@ -10,33 +10,53 @@ Which windows are computed (``focus_radius``, ``survey_margin``); all are MONAI'
    own border does not count). With MONAI's 48-voxel stride that keeps every start but
    at most the one before the last: 32 of 75 windows on an MSD-sized scan (267 x 267 x
    166 after preprocessing), where a survey that only covers the volume takes 18.
-2. *Seeds*: voxels where the survey's blend is positive, or the blend of the survey
-   windows that hold the voxel at least ``survey_margin`` inside.
+2. *Seen*: the voxels at which at least one computed window's margin is positive (that
+   window calls them spleen), whatever the other windows over them say.
 3. *Focus until closed*: the *region* takes in every voxel within ``focus_radius`` (a
-   cube) of a seed; every MONAI window touching the region is computed; the region then
-   takes in every voxel within ``focus_radius`` of a voxel whose blend is now positive,
-   and so on until it stops growing. Region voxels get all their windows, hence MONAI's
-   average; any other voxel the average of the windows computed over it, which is <= 0.
+   cube) of a seen voxel; every MONAI window touching the region is computed, which can
+   make more voxels seen; and so on until the region stops growing. Then every seen
+   voxel, and every voxel within ``focus_radius`` of one, has all its windows: MONAI's
+   average.
 
-Guaranteed, for any network: every connected component (26-neighbours, preprocessed grid)
-of MONAI's positive margin that comes within ``focus_radius`` of a seed is reproduced
-exactly, and so is the mask the inversion interpolates from it. Proof: a region voxel of
-such a component has MONAI's positive value, so its neighbours join the region; the
-region floods the component, and the trilinear inversion reads only voxels within 1 of a
-positive one, all in the region (``focus_radius`` >= 1). Exact up to float summation order.
+Guaranteed, for any network (exact up to float summation order, below):
+* Every voxel the margin calls spleen has MONAI's margin: a positive average needs a
+  positive window, so the voxel is seen.
+* Every connected component (26-neighbours, preprocessed grid) of MONAI's positive
+  margin that holds a seen voxel or comes within ``focus_radius`` of one is reproduced
+  exactly. Proof: a region voxel of such a component has MONAI's positive value, so it
+  is seen and its neighbours join the region; the region floods the component.
+* The inverted mask: each voxel of the input grid is interpolated (trilinear, border
+  clamped) from the 2 x 2 x 2 preprocessed voxels around it. If one of them is seen, all
+  lie within 1 voxel of it, in the region (``focus_radius`` >= 1): the voxel gets
+  MONAI's value and mask. If none is seen, every computed window is <= 0 on all of
+  them: the mask is 0 there, as MONAI's unless a window not computed called one of them
+  spleen. So the mask is MONAI's, or a subset of it, and equal to it wherever the rule
+  below holds.
 
-Assumed: each component of MONAI's mask comes within ``focus_radius`` of a seed. This
-holds when a component has a voxel the network predicts spleen at from at least
-``survey_margin`` voxels inside a window, and the network's prediction there depends only
-on the image within ``survey_margin`` voxels (every window that holds the voxel that deep
-then predicts alike, the deep seeds included); in particular an object within
-``survey_margin`` voxels of one of its voxels lies wholly inside a survey window. A
-component made only of predictions near window faces, or of a network that needs wider
-context (one that fires only on a whole spleen, when no survey window holds it whole),
-can still be missed; ``focus_radius=None`` computes every window, MONAI's result
-everywhere. tests/unit/pipeline/test_windows.py builds such cases. On the benchmark CT
-with the yardstick weights this gives MONAI's mask with 42 of 75 windows
-(benchmarks/README.md).
+Not guaranteed: spleen that only windows left uncomputed see, i.e. voxels MONAI calls
+spleen at which no computed window (no survey window, though every voxel lies at least
+``survey_margin`` inside one) calls spleen, none within ``focus_radius`` of a seen voxel.
+A component of MONAI's mask is found when one of its voxels is called spleen by a
+window holding it at least ``survey_margin`` inside and the network's prediction there
+depends only on the image within ``survey_margin`` voxels (every window holding it that
+deep, one survey window among them, then predicts alike); a component made only of
+predictions near window faces, or of a network that needs wider context (one that fires
+only on a whole spleen, when no survey window holds it whole), can still be missed;
+``focus_radius=None`` computes every window, MONAI's result everywhere.
+
+The focus used to start from voxels where the *average* of the computed windows was
+positive: a voxel that one computed window called spleen, outvoted by the others, kept
+that partial average (<= 0) while MONAI's over all its windows could be > 0. Now one
+positive window is enough to give a voxel all its windows.
+
+Float summation order: the windows over a voxel are added up in another order than with
+every window computed, which can change a sum's last bits (about 1e-7 of it); a voxel
+whose interpolated value is that close to 0 can end on either side.
+tests/unit/pipeline/test_windows.py builds the cases above. The cost: on the benchmark CT
+with the yardstick weights, 72 of 75 windows (the average rule took 42): windows call
+spleen near their faces all over the abdomen, and each such voxel needs all its windows.
+Where whole windows see no spleen (air, legs, head) they are still skipped
+(benchmarks/README.md, "Exact focus rule").
 """
 
 from __future__ import annotations
@@ -56,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (B, 1, *roi) float32 -> (B, 1, *roi) margin logits
 Position = tuple[int, ...]
+# The trilinear inversion reads the preprocessed voxels within 1 of each output voxel.
+MIN_FOCUS_RADIUS = 1
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -119,18 +141,18 @@ class WindowStats:
 
 
 class _Accumulator:
-    """Sum and count of window margins over the padded (X, Y, Z) grid; optionally also the
-    sum over each window's deep part (voxels at least ``deep_margin`` inside it)."""
+    """Sum and count of window margins over the padded (X, Y, Z) grid; with ``track_seen``
+    also ``seen``, the voxels some computed window calls spleen (margin > 0)."""
 
-    def __init__(self, shape: tuple[int, ...], roi: Sequence[int], runner: Runner, batch_size: int, progress: bool) -> None:
+    def __init__(self, shape: tuple[int, ...], roi: Sequence[int], runner: Runner, batch_size: int, progress: bool,
+                 track_seen: bool = False) -> None:
         self.sum = np.zeros(shape, dtype=np.float32)
         self.count = np.zeros(shape, dtype=np.uint8)
+        self.seen = np.zeros(shape, dtype=bool) if track_seen else None
         self.roi = tuple(roi)
         self.runner = runner
         self.batch_size = batch_size
         self.progress = progress
-        self.deep_sum: np.ndarray | None = None
-        self.deep_margin = 0
 
     def average(self) -> np.ndarray:
         """Sum / count in place (every voxel is covered by at least one window)."""
@@ -139,12 +161,6 @@ class _Accumulator:
 
     def box(self, start: Position) -> tuple[slice, ...]:
         return tuple(slice(s, s + r) for s, r in zip(start, self.roi, strict=True))
-
-    def deep_box(self, start: Position) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-        """(grid box, window box) of the window's voxels at least ``deep_margin`` inside."""
-        spans = [_deep_span(s, n, r, self.deep_margin) for s, n, r in zip(start, self.sum.shape, self.roi, strict=True)]
-        return (tuple(slice(a, b) for a, b in spans),
-                tuple(slice(a - s, b - s) for (a, b), s in zip(spans, start, strict=True)))
 
     def run(self, image: np.ndarray, positions: list[Position], label: str) -> None:
         from tqdm import tqdm
@@ -157,11 +173,11 @@ class _Accumulator:
         stream = getattr(self.runner, "stream", None) or (lambda items: map(self.runner, items))
         for chunk, margins in zip(chunks, stream(batches), strict=True):
             for p, margin in zip(chunk, margins, strict=True):
-                self.sum[self.box(p)] += margin[0]
-                self.count[self.box(p)] += 1
-                if self.deep_sum is not None:
-                    grid_box, window_box = self.deep_box(p)
-                    self.deep_sum[grid_box] += margin[0][window_box]
+                box = self.box(p)
+                self.sum[box] += margin[0]
+                self.count[box] += 1
+                if self.seen is not None:
+                    self.seen[box] |= margin[0] > 0
             bar.update(len(chunk))
         bar.close()
 
@@ -203,31 +219,29 @@ def _grow(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def _survey_and_focus(padded: np.ndarray, acc: _Accumulator, axis_starts: list[list[int]], focus_radius: int,
                       survey_margin: int) -> tuple[int, int, int]:
-    """Steps 1-3 of the module docstring on ``acc``; returns (windows computed, survey windows, rounds)."""
-    roi = acc.roi
+    """Steps 1-3 of the module docstring on ``acc`` (built with ``track_seen``); returns
+    (windows computed, survey windows, rounds)."""
+    if acc.seen is None:
+        raise ValueError("focused windows need an accumulator that tracks the voxels windows call spleen")
     survey = list(itertools.product(*[survey_starts(s, n, r, survey_margin)
-                                       for s, n, r in zip(axis_starts, padded.shape, roi, strict=True)]))
-    acc.deep_sum = np.zeros(padded.shape, dtype=np.float32) if survey_margin > 0 else None
-    acc.deep_margin = survey_margin
+                                       for s, n, r in zip(axis_starts, padded.shape, acc.roi, strict=True)]))
     acc.run(padded, survey, "survey")
-    # Both sums are positive exactly where their averages are: every voxel has a window.
-    positive = acc.sum > 0
-    if acc.deep_sum is not None:
-        positive |= acc.deep_sum > 0
-        acc.deep_sum = None
     computed = set(survey)
     region = np.zeros(padded.shape, dtype=bool)
     rounds = 0
     while True:
-        grown = _grow(positive, focus_radius)
-        if not (grown & ~region).any():
+        # The voxels the region gains, computed in the grown mask's own array: the three
+        # grid-sized masks (seen, region, this) are all the focus allocates.
+        gained = _grow(acc.seen, focus_radius)
+        np.greater(gained, region, out=gained)
+        if not gained.any():
             break
-        region |= grown
+        region |= gained
+        del gained
         rounds += 1
         focus = [p for p in itertools.product(*axis_starts) if p not in computed and region[acc.box(p)].any()]
         acc.run(padded, focus, f"focus {rounds}")
         computed.update(focus)
-        positive = acc.sum > 0
     return len(computed), len(survey), rounds
 
 
@@ -246,12 +260,18 @@ def spleen_margin(
     Returns the (X, Y, Z) float32 margin, MONAI's average of window outputs wherever
     all its windows were computed (see the module docstring for where that is), and
     statistics on the windows run. ``focus_radius=None`` computes every window.
+
+    Raises:
+        ConfigError: ``focus_radius`` below 1 (the inversion reads one voxel past the mask).
     """
+    if focus_radius is not None and focus_radius < MIN_FOCUS_RADIUS:
+        raise ConfigError(f"focus radius {focus_radius} voxels: the inversion interpolates from the voxels within "
+                          f"1 of the mask, so the focus must reach at least {MIN_FOCUS_RADIUS} (None: every window)")
     start_time = time.perf_counter()
     padded, crop = pad_to_roi(image, roi)
     axis_starts = [window_starts(size, r, overlap) for size, r in zip(padded.shape, roi, strict=True)]
     stats = WindowStats(total=int(np.prod([len(s) for s in axis_starts])))
-    acc = _Accumulator(padded.shape, roi, runner, batch_size, progress)
+    acc = _Accumulator(padded.shape, roi, runner, batch_size, progress, track_seen=focus_radius is not None)
     if focus_radius is None:
         acc.run(padded, list(itertools.product(*axis_starts)), "all")
         stats.computed = stats.survey = stats.total

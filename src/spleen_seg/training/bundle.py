@@ -342,7 +342,8 @@ def inference_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "device": "@device",
             "val_data_loader": "@dataloader",
             "network": "@network",
-            "inferer": "$spleen_seg.pipeline.tta.bundle_inferer(@inferer, @tta_axes)",
+            # The weights' record decides what --tta_axes risks (pipeline/tta.py, check_tta_axes).
+            "inferer": "$spleen_seg.pipeline.tta.bundle_inferer(@inferer, @tta_axes, @checkpointloader#load_path)",
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": "@amp",

@@ -31,6 +31,8 @@ BEST_WEIGHTS = "model.pt"
 UNVALIDATED_WEIGHTS = "model_unvalidated.pt"
 # MONAI's evaluator state before any validation.
 NO_METRIC = -1
+# The bundle id of the training's per-iteration augmentation (training/bundle.py).
+RANDOM_TRANSFORMS_ID = "train#random_transforms"
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +205,31 @@ def train(bundle_root: str | Path, overrides: dict[str, Any]) -> TrainingOutcome
     """Run ``train.json``; returns how it ended: the best validated weights (``models/model.pt``) and
     their mean Dice, or, when no validation ran, the last weights in ``models/model_unvalidated.pt``.
 
-    With ``fix_msd_orientation`` the weights learned true anatomy: a sidecar
-    ``<weights>.json`` records that convention for ``segment``.
+    The weights get a sidecar ``<weights>.json`` (:func:`weights_record`): whether the run
+    mirrored its training images, and with ``fix_msd_orientation`` that they learned true anatomy.
     """
     workflow = run_workflow(bundle_root, ["train.json"], overrides)
     outcome = _outcome(workflow, Path(bundle_root).resolve() / "models")
-    if overrides.get("fix_msd_orientation"):
-        from spleen_seg.io.atomic import atomic_write_text
-        from spleen_seg.pipeline.network import CONVENTION_TRUE, SIDECAR_KEY, sidecar_path
+    from spleen_seg.pipeline.network import write_weights_record
 
-        atomic_write_text(sidecar_path(outcome.weights), json.dumps({SIDECAR_KEY: CONVENTION_TRUE}) + "\n")
+    write_weights_record(outcome.weights, weights_record(workflow.parser.get(RANDOM_TRANSFORMS_ID) or [],
+                                                         bool(overrides.get("fix_msd_orientation"))))
     return outcome
+
+
+def weights_record(random_transforms: list[Any], fix_msd_orientation: bool) -> dict[str, Any]:
+    """What ``segment`` needs to know about weights trained with these random transforms.
+
+    ``trained_with_flips`` and ``safe_tta_axes`` from the flips among ``random_transforms``
+    (the run's ``train#random_transforms``: the recipe's, or an override), so flip TTA is
+    allowed exactly on the axes training mirrored; the orientation convention only when the
+    MSD headers were corrected (otherwise the default applies, as before).
+    """
+    from spleen_seg.pipeline.network import CONVENTION_TRUE, FLIPS_KEY, SAFE_TTA_AXES_KEY, SIDECAR_KEY
+    from spleen_seg.training.transforms import mirrored_axes
+
+    axes = mirrored_axes(random_transforms)
+    record: dict[str, Any] = {FLIPS_KEY: bool(axes), SAFE_TTA_AXES_KEY: axes}
+    if fix_msd_orientation:
+        record[SIDECAR_KEY] = CONVENTION_TRUE
+    return record

@@ -9,6 +9,7 @@ against these transforms), reading its values from the same ``PreprocessingConfi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,6 +17,14 @@ if TYPE_CHECKING:
     from spleen_seg.config import PreprocessingConfig, Recipe, TrainingConfig
 
 Component = dict[str, Any]
+
+# MONAI's random mirroring: RandFlip(d) mirrors its ``spatial_axis`` (None: all at once),
+# RandAxisFlip(d) one axis chosen at random; both with ``prob`` (MONAI's default 0.1).
+AXIS_FLIPS = ("RandFlipd", "RandFlip")
+RANDOM_AXIS_FLIPS = ("RandAxisFlipd", "RandAxisFlip")
+MONAI_FLIP_PROB = 0.1
+# The spatial axes of the RAS-oriented training image, as TTA names them (pipeline/tta.py).
+SPATIAL_AXES = "xyz"
 
 # Mirror of world x and y: what the MSD Task09 headers get wrong (model-zoo issue #766).
 MSD_HEADER_FIX = ((-1.0, 0.0, 0.0, 0.0), (0.0, -1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
@@ -132,3 +141,26 @@ def inversion_config(keys: str | list[str], transform_ref: str, nearest: bool | 
         "nearest_interp": nearest,
         "to_tensor": True,
     }
+
+
+def mirrored_axes(transforms: Sequence[Any]) -> str:
+    """The axes (``"xyz"`` letters of the RAS-oriented image) that ``transforms``' random flips mirror.
+
+    ``transforms``: bundle component dicts as :func:`training_random_config` writes them.
+    A flip whose ``prob`` or ``spatial_axis`` is not a literal (a ``@`` reference or ``$``
+    expression) or whose ``prob`` is 0 is not counted: claiming no flips only makes flip
+    TTA ask for explicit axes, claiming flips that did not run would allow it silently.
+    """
+    axes: set[int] = set()
+    for item in transforms:
+        if not isinstance(item, dict):
+            continue
+        name = str(item.get("_target_", "")).rsplit(".", 1)[-1]
+        prob = item.get("prob", MONAI_FLIP_PROB)
+        if name not in AXIS_FLIPS + RANDOM_AXIS_FLIPS or not isinstance(prob, (int, float)) or prob <= 0:
+            continue
+        spatial = None if name in RANDOM_AXIS_FLIPS else item.get("spatial_axis")
+        chosen = range(len(SPATIAL_AXES)) if spatial is None else [spatial] if isinstance(spatial, int) else spatial
+        if isinstance(chosen, (list, tuple, range)) and all(isinstance(a, int) for a in chosen):
+            axes.update(a % len(SPATIAL_AXES) for a in chosen)
+    return "".join(SPATIAL_AXES[a] for a in sorted(axes))

@@ -149,8 +149,9 @@ def run_part(out: Path, part: Part, cases: list[str], *, final: bool = True) -> 
 
 
 def test_parts_merge_into_one_summary_in_case_order(tmp_path):
-    (tmp_path / "summary.journal.csv").write_text("stale plain-run journal\n")
-    (tmp_path / "summary.part-0-of-2.csv").write_text("a stale split\n")
+    header = ",".join(SUMMARY_COLUMNS) + "\n"
+    (tmp_path / "summary.journal.csv").write_text(header + "stale,plain-run,journal\n")
+    (tmp_path / "summary.part-0-of-2.csv").write_text(header + "a,stale,split\n")
     cases = [f"case{n:02d}" for n in range(10)]
     for index in range(3):
         run_part(tmp_path, Part(index, 3), cases[index::3])

@@ -179,3 +179,12 @@ def test_ray_flag_refuses_an_input_in_place_of_the_address(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["segment", "--ray", "a.nii.gz", "-o", "out"])
     assert "is not a Ray cluster address" in capsys.readouterr().err
+
+
+def test_ray_stall_seconds_is_a_number_of_seconds_of_at_least_one(capsys):
+    assert build_parser().parse_args(["segment", "a.nii.gz", "-o", "out", "--ray-stall-seconds", "2.5"]
+                                     ).ray_stall_seconds == 2.5
+    assert build_parser().parse_args(["segment", "a.nii.gz", "-o", "out"]).ray_stall_seconds is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["segment", "a.nii.gz", "-o", "out", "--ray-stall-seconds", "0"])
+    assert "--ray-stall-seconds: expected a number >= 1, got 0" in capsys.readouterr().err

@@ -13,13 +13,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from threshold_network import THRESHOLD_HU, ThresholdSegmenter, install_threshold_network, sphere
+from threshold_network import THRESHOLD_HU, ThresholdSegmenter, install_threshold_network, run_batch, sphere
 
 import spleen_seg.batch.resume as resume
 from spleen_seg.batch.case import SegmentOptions
+from spleen_seg.batch.ownership import new_work_folder
 from spleen_seg.batch.resume import batch_identity, finished_report, input_sha256
 from spleen_seg.batch.run import segment_files
 from spleen_seg.io.dicom import DicomSeries
@@ -28,24 +28,7 @@ NO_PREVIEW = SegmentOptions(preview=False)
 CASES = ("a", "b", "c")
 
 
-@pytest.fixture
-def network(monkeypatch):
-    """The stand-in network; ``network.loads`` counts how often a batch loaded it."""
-    return install_threshold_network(monkeypatch)
-
-
-@pytest.fixture
-def batch(tmp_path):
-    """Three sphere inputs of different radii, fake weights, an output folder."""
-    inputs = [sphere(tmp_path / f"{case}.nii.gz", radius) for case, radius in zip(CASES, (4, 5, 6), strict=True)]
-    weights = tmp_path / "weights.pt"
-    weights.write_bytes(b"stand-in weights")
-    return SimpleNamespace(inputs=inputs, weights=weights, out=tmp_path / "out")
-
-
-def run(batch, **kwargs):
-    kwargs.setdefault("options", NO_PREVIEW)
-    return segment_files(batch.inputs, batch.out, batch.weights, "cpu", progress=False, **kwargs)
+run = run_batch
 
 
 def summary(out: Path) -> list[dict[str, str]]:
@@ -239,7 +222,7 @@ def test_work_folders_of_killed_runs_are_removed(batch, network):
     dead = [batch.out / f".a.partial-{dead_pid}", batch.out / f".b.old-{dead_pid}"]
     live = batch.out / f".c.partial-{live_pid}"
     for folder in [*dead, live]:
-        folder.mkdir()
+        new_work_folder(folder)  # as a run creates them (batch.ownership recognises them)
         (folder / "spleen.nii.gz").write_bytes(b"half written")
     run(batch)
     assert not any(folder.exists() for folder in dead) and live.is_dir()

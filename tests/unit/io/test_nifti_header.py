@@ -1,5 +1,6 @@
 """read_volume's header guards: declared size against the file, orientation oddities, fuzzed headers."""
 
+import bz2
 import gzip
 import resource
 import tracemalloc
@@ -21,11 +22,12 @@ def _ct(shape=(12, 10, 8)) -> np.ndarray:
 
 
 def _write(path, header: nib.Nifti1Header, data: np.ndarray) -> None:
-    """Header and voxels as stored bytes, bypassing nibabel's fixes (single-file .nii or .nii.gz)."""
+    """Header and voxels as stored bytes, bypassing nibabel's fixes (single-file .nii, .nii.gz or .nii.bz2)."""
     header = header.copy()
     header["vox_offset"] = 352
     raw = header.binaryblock + b"\0" * 4 + data.astype(header.get_data_dtype()).tobytes(order="F")
-    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress}.get(path.suffix, bytes)
+    path.write_bytes(compress(raw))
 
 
 def _header(data: np.ndarray, *, sform=1, qform=1, affine=AFFINE) -> nib.Nifti1Header:
@@ -48,6 +50,7 @@ def _huge_header(dtype) -> nib.Nifti1Header:
     ("huge.nii", np.int16, "4000x4000x4000 int16 voxels (128.0 GB) at offset 352 but the file holds 1.0 kB"),
     ("huge.nii.gz", np.int16, "4000x4000x4000 int16 voxels (128.0 GB) but the compressed file holds"),
     ("huge.nii.gz", np.float32, "4000x4000x4000 float32 voxels (256.0 GB) but the compressed file holds"),
+    ("huge.nii.bz2", np.int16, "4000x4000x4000 int16 voxels (128.0 GB) but the compressed file holds"),
 ])
 def test_a_1kb_file_declaring_4000_cubed_voxels_is_refused_without_allocating(tmp_path, name, dtype, declared):
     path = tmp_path / name
@@ -66,6 +69,65 @@ def test_a_1kb_file_declaring_4000_cubed_voxels_is_refused_without_allocating(tm
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before < 64 * MB
     with pytest.raises(InputImageError, match="truncated file or corrupt header"):
         read_geometry(path)
+
+
+def test_a_bz2_file_declaring_more_than_bzip2_can_hold_is_refused_though_it_would_fit(tmp_path):
+    """bzip2 expands a byte into at most about 1.5 million: 1 GB of voxels cannot be in a file of
+    a few hundred bytes. The memory check alone lets such a volume be allocated and read."""
+    header = _huge_header(np.int16)
+    header.set_data_shape((1000, 1000, 500))
+    path = tmp_path / "cut.nii.bz2"
+    _write(path, header, np.zeros(336, dtype=np.int16))
+    size = path.stat().st_size
+    assert size < 500
+    with pytest.raises(InputImageError) as err:
+        read_geometry(path)
+    assert str(err.value) == (f"{path}: the header declares 1000x1000x500 int16 voxels (1.0 GB) but the compressed "
+                              f"file holds {size} bytes, which bzip2 cannot expand beyond "
+                              f"{nifti.BZIP2_MAX_RATIO * size / 1e6:.1f} MB: truncated file or corrupt header")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2"])
+def test_a_header_extension_bomb_is_refused_before_it_inflates(tmp_path, suffix):
+    """One header extension of 128 MiB of zeros in a few kB: nibabel reads extensions whole, so
+    opening it inflated 128 MiB before any check; it is refused from the header's first bytes."""
+    from corrupt_inputs import write_nifti_extension_bomb
+
+    path = write_nifti_extension_bomb(tmp_path / f"bomb.nii{suffix}", 128 * MB)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputImageError) as err:
+            read_geometry(path)
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert traced_peak < 4 * MB
+    assert str(err.value) == (f"{path}: the header leaves 134.2 MB for header extensions before the voxels "
+                              "(vox_offset 134218144), more than any image needs (67.1 MB): corrupt header")
+    small = write_nifti_extension_bomb(tmp_path / f"small.nii{suffix}", 1 * MB)  # within the bound: read
+    assert read_geometry(small).shape == (20, 20, 10)
+
+
+def test_an_extension_larger_than_vox_offset_leaves_is_refused(tmp_path):
+    """vox_offset leaves 64 bytes; the extension declares 1 GB and 64 MiB of it are there: nibabel
+    read all it found before failing."""
+    from corrupt_inputs import write_compressed_zeros_after
+
+    header = _header(_ct())
+    raw = bytearray(header.binaryblock)
+    raw[108:112] = np.float32(352 + 64).tobytes()  # vox_offset
+    head = bytes(raw) + b"\x01\0\0\0" + np.array([1 << 30, 0], dtype="<i4").tobytes()
+    path = write_compressed_zeros_after(tmp_path / "lying.nii.gz", head, 64 * MB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputImageError, match="a header extension declares 1.1 GB where vox_offset leaves room "
+                                                  "for 64 bytes: corrupt header"):
+            read_geometry(path)
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert traced_peak < 4 * MB
 
 
 def test_a_volume_larger_than_the_memory_budget_is_a_resource_error(tmp_path, monkeypatch):

@@ -73,3 +73,26 @@ def test_status_lists_jobs_newest_first_with_sent_counts(tmp_path):
 def test_status_of_a_folder_without_a_spool_is_a_one_line_error(tmp_path):
     with pytest.raises(NodeError, match="no node spool here"):
         print_status(tmp_path)
+
+
+def test_status_escapes_terminal_codes_in_series_keys_and_errors(tmp_path, capsys):
+    """A peer chooses the SeriesInstanceUID (the series key) and part of the error text; neither may
+    reach the terminal raw (colour, cursor moves, a window title, a line rewritten by a carriage return)."""
+    from spleen_seg.cli import main
+
+    spool = Spool(tmp_path / "spool").create()
+    table = JobTable(spool.db_path)
+    series = "1.2.\x1b[2J\x1b[31mred"
+    table.record_instance(NewInstance("1.1", series, "", "p", "", "", "PACS"), NOW)
+    table.complete_quiet(NOW + 10, 5)
+    job = table.claim_next(NOW + 10)
+    table.fail(job.id, "cannot decode 1.1\r\x1b]0;owned\x07 \x9b1A \x7f", NOW + 11)
+    table.close()
+    assert main(["status", "--spool", str(spool.root)]) == 0
+    out = capsys.readouterr().out
+    assert not [c for c in out if (ord(c) < 0x20 and c != "\n") or 0x7f <= ord(c) <= 0x9f]
+    row = out.splitlines()[2]
+    assert '"1.2.\\u001b[2J\\u001b[31mred"' in row
+    assert row.endswith('"cannot decode 1.1\\r\\u001b]0;owned\\u0007 \\u009b1A \\u007f"')
+    plain = print_status(spool.root, as_json=True)  # JSON escapes by itself
+    assert "\x1b" not in plain and json.loads(plain)["jobs"][0]["series_key"] == series

@@ -189,9 +189,13 @@ def test_expired_series_and_purge_keep_uids(table):
     table.finish_processing(job.id, [seg(job.id)], (), now=112.0)
     assert table.expired_series(cutoff=112.0) == {}
     assert table.expired_series(cutoff=113.0) == {"1.2.3": [job.id]}  # series 2 is still complete, not finished
-    table.mark_purged("1.2.3")
+    retired = []
+    assert table.purge_if_expired("2", 1000.0, retired.append) is None  # not finished: nothing retired
+    assert table.purge_if_expired("1.2.3", 113.0, lambda key: retired.append(key)) == ([job.id], None)
+    assert retired == ["1.2.3"]
     assert table.series_paths("1.2.3") == [] and table.has_instance("1.1")
     assert table.expired_series(cutoff=1000.0) == {}
+    assert table.purge_if_expired("1.2.3", 1000.0, retired.append) is None  # purged once
 
 
 def test_resending_a_failed_series_retries_it_with_the_new_files(table):

@@ -8,11 +8,15 @@ from spleen_seg.errors import NodeError
 from spleen_seg.node.settings import (
     Destination,
     NodeSettings,
+    check_connection_limit,
     check_tls,
+    format_size,
     parse_ae_list,
     parse_ae_title,
     parse_destination,
+    parse_host_list,
     parse_port,
+    parse_size,
     parse_stow_url,
 )
 
@@ -73,3 +77,23 @@ def test_tls_needs_certificate_and_key(tmp_path):
         check_tls(None, None, cert)
     with pytest.raises(NodeError, match="TLS file not found"):
         check_tls(cert, key, tmp_path / "missing.pem")
+
+
+def test_allowed_hosts_and_sizes(tmp_path):
+    assert [str(n) for n in parse_host_list("10.1.2.3, 192.168.0.0/24,::1,")] == ["10.1.2.3/32", "192.168.0.0/24",
+                                                                                "::1/128"]
+    with pytest.raises(NodeError, match="'pacs.example.org' is not an IP address or network"):
+        parse_host_list("10.1.2.3,pacs.example.org")
+    with pytest.raises(NodeError, match="names no address"):
+        parse_host_list(" , ")
+    assert [parse_size(t) for t in ("100GiB", "512MB", "2.5 kb", "4096", "1B")] == [100 * 2**30, 512 * 10**6, 2500, 4096,
+                                                                                   1]
+    for bad in ("", "ten GB", "-1GB", "1 PB", "0"):
+        with pytest.raises(NodeError, match="size"):
+            parse_size(bad)
+    assert [format_size(n) for n in (2**30, 100 * 2**30, 1536 * 2**10, 1000)] == ["1GiB", "100GiB", "1536KiB", "1000B"]
+    settings = NodeSettings(spool=tmp_path, max_associations=3)
+    assert settings.connection_limit == 6 and NodeSettings(spool=tmp_path, max_connections=4).connection_limit == 4
+    assert check_connection_limit(None, 10) is None and check_connection_limit(10, 10) == 10
+    with pytest.raises(NodeError, match="--max-connections 3 is below --max-associations 10"):
+        check_connection_limit(3, 10)

@@ -77,3 +77,11 @@ def test_slices_pass_through_the_mask_centre_of_mass():
     expected = tuple(int(round(float(index.mean()))) for index in np.nonzero(mask))
     assert _centre(mask) == expected == (15, 6, 3)
     assert _centre(np.zeros((7, 9, 4), dtype=np.uint8)) == (3, 4, 2)  # no mask: the volume's centre
+
+
+def test_titles_are_plain_text_never_mathtext(tmp_path):
+    """A case id from a file name is shown as it is: "scan$\\foo$" once failed its case as bad TeX."""
+    image, mask, affine = _phantom()
+    for number, title in enumerate(("scan$\\foo$: spleen 1.0 mL", "$x^{2$ unbalanced", "a $\\frac{1}{0}$ b")):
+        dest = write_preview(image, mask, affine, tmp_path / f"preview_{number}.png", title)
+        assert mpimg.imread(str(dest)).shape == (500, 1350, 4), title

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spleen_seg.errors import ResourceError
+from spleen_seg.errors import ConfigError, ResourceError
 from spleen_seg.io.nifti import Geometry, read_volume, write_mask
 from spleen_seg.outputs.report import build_report, keep_components
 from spleen_seg.pipeline import memory
@@ -116,3 +116,54 @@ def test_cgroup_limit_caps_available_memory(tmp_path, monkeypatch, files, expect
     assert memory.available_bytes() <= machine
     if expected is not None and expected < machine:
         assert memory.available_bytes() == expected
+
+
+def test_memory_limit_env_caps_available_memory(monkeypatch):
+    """SPLEEN_SEG_MEMORY_LIMIT: a limit on this process's memory, less what it already holds."""
+    import psutil
+
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "1.5G")
+    assert memory.memory_limit_bytes() == 3 << 29
+    free = memory.available_bytes()
+    resident = psutil.Process().memory_info().rss
+    assert 0 < free <= (3 << 29) - resident + 16 * MB  # the RSS moves a little between the two reads
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "100000")
+    assert memory.available_bytes() == 0  # the process already holds more
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "512MiB")
+    assert memory.memory_limit_bytes() == 512 * MB
+    for bad in ("lots", "8 X", "-1G"):
+        monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, bad)
+        with pytest.raises(ConfigError, match=f"SPLEEN_SEG_MEMORY_LIMIT='{bad}': expected a memory size"):
+            memory.available_bytes()
+
+
+def test_a_dicom_series_that_declares_too_much_is_refused_from_its_headers(tmp_path, monkeypatch):
+    """An uncompressed series whose headers declare 4096 x 4096 pixels a slice (the files hold
+    little): refused by the same estimate and message as a NIfTI file, before any pixel is read."""
+    import pydicom
+    from synthetic_dicom import only_series, random_volume, write_series
+
+    from spleen_seg.batch.inputs import load_input
+
+    for path in write_series(tmp_path / "ct", random_volume(shape=(8, 8, 20))):
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Columns = 4096
+        ds.save_as(path)
+    series = only_series(tmp_path / "ct")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResourceError) as err:
+            load_input(series)
+        _, traced = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert traced < 4 * MB  # nothing volume-sized: 1.3 GB of float32 voxels were declared
+    message = str(err.value)
+    assert message.startswith(f"series {series.series_uid} in {series.folder}: needs ~")
+    assert "(its 4096x4096x20 voxels, " in message and "2.1 GB free: free memory or run it on a larger machine" in message
+    # The NIfTI guard's words exactly, for the same geometry.
+    spacing = (0.8, 0.7, 2.0)  # write_series: between columns, rows and slices
+    with pytest.raises(ResourceError) as nifti_err:
+        require_case_memory((4096, 4096, 20), spacing, "ct.nii.gz", volume_loaded=False)
+    assert message.split(": needs ", 1)[1] == str(nifti_err.value).split(": needs ", 1)[1]

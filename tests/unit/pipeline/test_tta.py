@@ -3,6 +3,11 @@ the average of the mirrored predictions otherwise, and the bundle's inferer equa
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +15,20 @@ from scipy import ndimage
 
 from spleen_seg.errors import ConfigError
 from spleen_seg.io.nifti import Geometry
+from spleen_seg.pipeline import network
 from spleen_seg.pipeline.backends import Runner
+from spleen_seg.pipeline.network import sidecar_path
 from spleen_seg.pipeline.segmenter import Segmenter
-from spleen_seg.pipeline.tta import MirroredInferer, bundle_inferer, flip_combinations, mirrored_margin, parse_tta_axes
+from spleen_seg.pipeline.tta import (
+    FLAG_TTA_UNTRAINED,
+    MirroredInferer,
+    bundle_inferer,
+    check_tta_axes,
+    flip_combinations,
+    mirrored_margin,
+    parse_tta_axes,
+    weights_flip_record,
+)
 from spleen_seg.pipeline.windows import spleen_margin
 
 ROI = (96, 96, 96)
@@ -133,3 +149,117 @@ def test_bundle_inferer_equals_the_segmenters_tta():
     np.testing.assert_allclose(bundle_margin, margin, atol=1e-4)
     plain = SlidingWindowInferer(roi_size=roi, sw_batch_size=4, overlap=0.5)
     assert bundle_inferer(plain, "") is plain
+
+
+# ----------------------------------------------------------------------------- the weights' record decides
+def _weights(tmp_path, record: dict | list | None = None, name: str = "model.pt") -> Path:
+    """A weights file (its bytes matter only for the checksum) with ``record`` as its sidecar."""
+    path = tmp_path / name
+    path.write_bytes(b"stand-in weights: only their checksum and sidecar are read")
+    if record is not None:
+        sidecar_path(path).write_text(json.dumps(record))
+    return path
+
+
+def test_weights_without_a_record_or_the_official_ones_count_as_trained_without_flips(tmp_path, monkeypatch):
+    weights = _weights(tmp_path)
+    record = weights_flip_record(weights)
+    assert (record.trained_with_flips, record.safe_axes) == (False, "") and record.source.startswith("no record")
+    monkeypatch.setattr(network, "OFFICIAL_WEIGHTS_MD5", hashlib.md5(weights.read_bytes()).hexdigest())
+    record = weights_flip_record(weights)
+    assert (record.trained_with_flips, record.safe_axes) == (False, "") and "released weights" in record.source
+    with pytest.raises(ConfigError, match=r"were not trained with flips \(the model zoo's released weights"):
+        check_tta_axes(weights, "xyz", explicit=False)
+
+
+def test_plain_tta_on_such_weights_is_refused_in_one_line_and_named_axes_warn(tmp_path):
+    weights = _weights(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        check_tta_axes(weights, "xyz", explicit=False)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--tta refused: {weights} were not trained with flips")
+    assert "--tta-axes" in message and '"trained_with_flips": true' in message and "none declared" in message
+    warning = check_tta_axes(weights, "z", explicit=True)
+    assert warning is not None and "\n" not in warning
+    assert warning.startswith(f"{FLAG_TTA_UNTRAINED}: flip TTA along z, but {weights} were not trained with flips")
+    assert check_tta_axes(weights, "", explicit=False) is None  # no TTA: nothing to decide
+
+
+def test_a_record_allows_tta_on_the_axes_it_declares(tmp_path):
+    trained = _weights(tmp_path, {"trained_with_flips": True}, "trained.pt")
+    assert weights_flip_record(trained).safe_axes == "xyz"
+    assert check_tta_axes(trained, "xyz", explicit=False) is None
+    only_z = _weights(tmp_path, {"trained_with_flips": True, "safe_tta_axes": "z"}, "only_z.pt")
+    with pytest.raises(ConfigError, match="trained with flips along z only.*declare safe \\(z\\)"):
+        check_tta_axes(only_z, "xyz", explicit=False)
+    assert check_tta_axes(only_z, "z", explicit=True) is None
+    assert "flip TTA along x, but" in (check_tta_axes(only_z, "xz", explicit=True) or "")
+    # Weights trained without flips may still declare an axis safe (a network symmetric along it).
+    declared = _weights(tmp_path, {"trained_with_flips": False, "safe_tta_axes": "z"}, "declared.pt")
+    assert check_tta_axes(declared, "z", explicit=True) is None
+
+
+@pytest.mark.parametrize(("record", "match"), [
+    ({"trained_with_flips": "yes"}, "'trained_with_flips' must be true or false, got 'yes'"),
+    ({"trained_with_flips": True, "safe_tta_axes": "w"}, "'safe_tta_axes': TTA axes must be"),
+    ({"trained_with_flips": True, "safe_tta_axes": 3}, "'safe_tta_axes' must be a string"),
+    ([True], "not a JSON object \\(a JSON list\\)"),
+])
+def test_an_invalid_flip_record_is_refused_naming_the_sidecar(tmp_path, record, match):
+    weights = _weights(tmp_path, record)
+    with pytest.raises(ConfigError, match=f"model\\.pt\\.json: .*{match}"):
+        check_tta_axes(weights, "z", explicit=True)
+
+
+def test_load_segmenter_decides_before_any_model_loads_and_reports_the_warning(tmp_path, monkeypatch):
+    # load_segmenter is what segment, compare, the Ray actors and library callers go through.
+    import spleen_seg.pipeline.segmenter as segmenter_module
+    from spleen_seg.pipeline.segmenter import load_segmenter
+
+    loaded: list[Path] = []
+
+    def make_runner(weights, *args, **kwargs):
+        loaded.append(weights)
+        return Runner(box_blur_margin, 4, "test")
+
+    monkeypatch.setattr(segmenter_module, "make_runner", make_runner)
+    weights = _weights(tmp_path)
+    with pytest.raises(ConfigError, match="--tta refused"):
+        load_segmenter(weights, "cpu", tta_axes="xyz", tta_axes_explicit=False)
+    assert loaded == []
+    image, geometry = _symmetric_ball()
+    segmenter = load_segmenter(weights, "cpu", progress=False, tta_axes="z")  # named axes, as --tta-axes
+    assert loaded == [weights] and segmenter.tta_warning is not None
+    assert int(segmenter.predict(image, geometry).sum()) > 0
+    assert segmenter.last_warnings == [segmenter.tta_warning]
+    plain = load_segmenter(weights, "cpu", progress=False)
+    plain.predict(image, geometry)
+    assert plain.tta_warning is None and plain.last_warnings == []
+
+
+def test_the_bundle_inferer_warns_for_weights_without_flips(tmp_path, caplog):
+    from monai.inferers import SlidingWindowInferer
+
+    plain = SlidingWindowInferer(roi_size=(32, 32, 32))
+    with caplog.at_level(logging.WARNING, logger="spleen_seg.pipeline.tta"):
+        assert isinstance(bundle_inferer(plain, "z", _weights(tmp_path)), MirroredInferer)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [FLAG_TTA_UNTRAINED]
+    caplog.clear()
+    trained = _weights(tmp_path, {"trained_with_flips": True}, "trained.pt")
+    with caplog.at_level(logging.WARNING, logger="spleen_seg.pipeline.tta"):
+        bundle_inferer(plain, "xyz", trained)
+        assert bundle_inferer(plain, "", trained) is plain
+    assert caplog.records == []
+    # Through inference.json: the inferer reads the checkpoint the bundle loads.
+    from monai.bundle import ConfigParser
+
+    from spleen_seg.training.bundle import inference_config
+
+    (tmp_path / "models").mkdir()
+    _weights(tmp_path / "models")
+    parser = ConfigParser(inference_config())
+    parser["bundle_root"], parser["tta_axes"] = str(tmp_path), "x"
+    with caplog.at_level(logging.WARNING, logger="spleen_seg.pipeline.tta"):
+        assert isinstance(parser.get_parsed_content("evaluator#inferer"), MirroredInferer)
+    assert [r.getMessage() for r in caplog.records] == [check_tta_axes(tmp_path / "models" / "model.pt", "x",
+                                                                       explicit=True)]

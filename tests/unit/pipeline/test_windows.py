@@ -214,3 +214,75 @@ def test_grow_equals_the_cube_filter_over_the_whole_grid(radius):
         grown = _grow(mask, radius)
         assert np.array_equal(grown, expected), (shape, count)
         assert grown.sum() == expected.sum()
+
+
+# ----------------------------------------------------------------------------- one positive window is enough
+# A network that weighs context far away in the window: it calls the organ spleen in
+# proportion to how much of a distant marker its window holds. On a (96, 96, 166) grid the
+# windows along z start at 0, 48 and 70 and the survey leaves out 48; the organ (z 80..85)
+# lies in all three, the marker is split so that the windows hold 70 %, 100 % and 30 % of it.
+CONTEXT_GRID = (96, 96, 166)
+ORGAN_VALUE = 0.5
+MARKER_LEVEL = 0.9  # marker voxels are 1.0, everything else below this
+CONTEXT_GAIN, CONTEXT_THRESHOLD = 1.0, 0.6  # margins 0.1, 0.4 and -0.3 on the organ
+
+
+def _context_network(marker_voxels: int):
+    """Margin ``GAIN * (share of the marker inside the window) - THRESHOLD`` on the organ's
+    voxels (values near ORGAN_VALUE), -1 everywhere else."""
+    def run(batch: np.ndarray) -> np.ndarray:
+        out = np.full(batch.shape, -1.0, dtype=np.float32)
+        for window, margin in zip(batch[:, 0], out[:, 0], strict=True):
+            share = np.count_nonzero(window > MARKER_LEVEL) / marker_voxels
+            margin[np.abs(window - ORGAN_VALUE) < 0.1] = CONTEXT_GAIN * share - CONTEXT_THRESHOLD
+        return out
+
+    return run
+
+
+def _context_image() -> np.ndarray:
+    image = np.zeros(CONTEXT_GRID, dtype=np.float32)
+    image[20:30, 20:30, 80:86] = ORGAN_VALUE  # in the windows at z = 0, 48 and 70
+    image[40:50, 40:50, 55:62] = 1.0  # 700 marker voxels in the windows at z = 0 and 48
+    image[40:50, 40:50, 110:113] = 1.0  # 300 in those at z = 48 and 70
+    return image
+
+
+def test_a_voxel_one_computed_window_calls_spleen_gets_all_its_windows():
+    # The survey's windows (z = 0 and 70) give the organ 0.1 and -0.3: their average, and the
+    # average of those holding it 8 voxels inside, is -0.1. The window at 48 gives 0.4, so
+    # MONAI's average over all three is +0.067: spleen. The old rule focused only where the
+    # computed windows' average was positive, found none, and returned no spleen at all.
+    image = _context_image()
+    runner = _context_network(int((image > MARKER_LEVEL).sum()))
+    full, full_stats = spleen_margin(image, runner, ROI_96, 0.5, 4, focus_radius=None)
+    focused, stats = spleen_margin(image, runner, ROI_96, 0.5, 4, focus_radius=8)
+    assert full_stats.total == 3 and stats.survey == 2
+    assert int((full > 0).sum()) == 600
+    np.testing.assert_array_equal(focused > 0, full > 0)
+    np.testing.assert_allclose(focused[full > 0], 0.2 / 3, rtol=1e-6)
+    assert stats.computed == 3
+
+
+def test_the_inverted_mask_equals_all_windows_where_one_window_calls_spleen():
+    # The same scan as a CT (HU) through the segmenter: preprocessing, windows, inversion.
+    from spleen_seg.io.nifti import Geometry
+    from spleen_seg.pipeline.backends import Runner
+    from spleen_seg.pipeline.segmenter import Segmenter
+
+    low, high = (-57.0, 164.0)  # the recipe's HU window: 0.5 <- 53.5 HU, 1.0 <- 164 HU and above
+    hu = low + _context_image() * (high - low)
+    hu[_context_image() == 0] = -1000.0
+    geometry = Geometry(shape=CONTEXT_GRID, affine_ras=np.diag([1.5, 1.5, 2.0, 1.0]))
+    runner = Runner(_context_network(1000), batch_size=4, backend="numpy")
+    masks = {radius: Segmenter(runner=runner, progress=False, focus_radius=radius).predict(hu, geometry)
+             for radius in (None, 8)}
+    assert int(masks[None].sum()) == 600
+    np.testing.assert_array_equal(masks[8], masks[None])
+
+
+def test_a_focus_radius_below_one_voxel_is_refused():
+    # The inversion reads the 2 x 2 x 2 voxels around each output voxel: the region must
+    # reach at least one voxel past every seen voxel for the mask to be exact.
+    with pytest.raises(ConfigError, match="focus radius 0"):
+        spleen_margin(_context_image(), _context_network(1000), ROI_96, 0.5, 4, focus_radius=0)
