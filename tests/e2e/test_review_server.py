@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from review_outputs import CaseSpec, ReviewServer, make_batch
 
+from spleen_seg.batch.ownership import MARKER_FILENAME
 from spleen_seg.outputs.review_state import AUDIT_LOG_FILENAME, CORRECTED_MASK_FILENAME
 from spleen_seg.review.server import FIRST_REQUEST_TIMEOUT_S, MAX_CONCURRENT
 
@@ -281,6 +282,7 @@ def test_sigkill_during_a_save_leaves_the_old_or_the_new_mask_and_records_that_a
     audit = [json.loads(line) for line in (out / AUDIT_LOG_FILENAME).read_text().splitlines()]
     assert [a["revision"] for a in audit] == list(range(1, state["revision"] + 1))
     assert audit[-1]["corrected_mask_sha256"] == digest
-    assert not list((out / "k").glob(".*"))  # no temporary or pending file left
+    # no temporary or pending file left; the batch's ownership marker stays
+    assert [p.name for p in (out / "k").glob(".*")] == [MARKER_FILENAME]
     assert [line for line in (out / "summary.csv").read_text().splitlines() if line.startswith("k,")][0] \
         .endswith(",corrected")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from review_outputs import CaseSpec, make_batch
 
+from spleen_seg.batch.ownership import MARKER_FILENAME
 from spleen_seg.batch.summary import SUMMARY_FILENAME, read_summary, write_summary_rows
 from spleen_seg.errors import ConfigError
 from spleen_seg.outputs.review_state import AUDIT_LOG_FILENAME, CORRECTED_MASK_FILENAME
@@ -137,7 +138,7 @@ def test_recovery_drops_a_change_whose_mask_was_never_placed_and_fixes_the_summa
     (folder / "keep.part").write_text("not ours")
     lines = store.recover(lambda entry: None)
     assert lines == ["low: dropped a change the server had not written when it stopped (nothing was saved)"]
-    assert sorted(os.listdir(folder)) == sorted(["keep.part", "preview.png", "preview_thumb.jpg", "report.json",
+    assert sorted(os.listdir(folder)) == sorted([MARKER_FILENAME, "keep.part", "preview.png", "preview_thumb.jpg", "report.json",
                                                  "spleen.nii.gz"])
 
 
