@@ -10,10 +10,12 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, pinned: a plain torch requirement could pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml web/package-lock.json
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	# The review app's viewer (NiiVue), pinned by web/package-lock.json.
+	npm ci --prefix web --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -398,9 +398,43 @@ def _add_status_parser(sub, quiet: argparse.ArgumentParser) -> None:
     status.add_argument("--limit", type=_positive_int, help="show only the newest N jobs")
 
 
+# --- spleen-seg review (review/server.py) ---
+
+def _port(value: str) -> int:
+    port = 0 if value.strip() == "0" else _positive_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {port}")
+    return port
+
+
+def _add_review_parser(sub, quiet: argparse.ArgumentParser) -> None:
+    from spleen_seg.review.server import DEFAULT_HOST, DEFAULT_MAX_VIEW_VOXELS, DEFAULT_PORT
+
+    review = sub.add_parser("review", parents=[quiet], help="review and correct the masks of an output folder in the "
+                            "browser (a local web app with a 3D viewer); prints the URL to open")
+    review.add_argument("output", type=_existing_dir, help="the -o folder of spleen-seg segment, or a node's --spool")
+    review.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    review.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    review.add_argument("--reviewer", help="the name decisions are recorded under (default: the login name)")
+    review.add_argument("--view-voxels", type=_positive_int, default=DEFAULT_MAX_VIEW_VOXELS, metavar="N",
+                        help="most voxels the viewer is sent per case; larger ones are averaged over blocks "
+                             f"(default {DEFAULT_MAX_VIEW_VOXELS}; raise it where the browser has a GPU)")
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from spleen_seg.review.server import ReviewSettings, review
+
+    return review(ReviewSettings(out_dir=args.output, host=args.host, port=args.port, reviewer=args.reviewer or "",
+                                 max_view_voxels=args.view_voxels))
+
+# --- end of spleen-seg review ---
+
+
 SUBCOMMAND_PARSERS = (_add_segment_parser, _add_train_parser, _add_evaluate_parser, _add_demo_parser,
                       _add_export_parser, _add_benchmark_parser, _add_data_parser, _add_weights_parser,
-                      _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser)
+                      _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser,
+                      _add_review_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,7 +699,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
             "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "review": cmd_review}
 
 
 def main(argv: list[str] | None = None) -> int:

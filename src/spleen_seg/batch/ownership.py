@@ -60,6 +60,7 @@ def new_work_folder(folder: Path) -> None:
     something else is there."""
     if os.path.lexists(folder):
         remove_folder(folder, strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)  # segment_one may be the first to write into -o
     folder.mkdir()
     # One write of a short text: a kill leaves the marker whole or empty, never half of it.
     (folder / MARKER_FILENAME).write_text(MARKER_TEXT, encoding="utf-8")

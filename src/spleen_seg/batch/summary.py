@@ -48,11 +48,12 @@ from spleen_seg.batch.inputs import Part
 from spleen_seg.batch.ownership import check_file
 from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.outputs.report import AXIS_NAMES, CaseReport
+from spleen_seg.outputs.review_state import review_status
 
 SUMMARY_FILENAME = "summary.csv"
 SUMMARY_COLUMNS = ("case", "source", "status", "volume_ml", "extent_left_right_mm", "extent_anterior_posterior_mm",
                    "extent_superior_inferior_mm", "components", "quality_score", "review_suggested", "flags", "error",
-                   "reused")
+                   "reused", "review")
 # Every version's header began with these columns: how a summary or journal is recognised.
 SUMMARY_HEADER_START = ("case", "source", "status", "volume_ml")
 # OWASP: a cell starting with one of these is (or turns into) a formula in a spreadsheet.
@@ -94,7 +95,17 @@ class SummaryRow:
         score = f"{quality['score']:.4f}" if quality else ""
         review = ("yes" if self.report.review_suggested else "no") if quality and self.report is not None else ""
         return [self.case, self.source, self.status, volume, *spans, components, score, review, flags, self.error,
-                "yes" if self.reused else "no"]
+                "yes" if self.reused else "no", self.review_state()]
+
+    def review_state(self) -> str:
+        """The ``review`` column: the reviewer's verdict from report.json (``review_state.review_status``)."""
+        if self.report is None:
+            return ""
+        try:
+            return review_status(self.report.review)
+        except ValueError as err:  # a review record the review app did not write: the case reads as not reviewed
+            logger.warning("%s: %s; its review column is left empty", self.case, err)
+            return ""
 
     def as_dict(self) -> Row:
         return dict(zip(SUMMARY_COLUMNS, self.values(), strict=True))

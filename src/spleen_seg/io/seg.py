@@ -14,6 +14,8 @@ from spleen_seg.io.dicom import DicomSeries
 from spleen_seg.io.dicom_volume import series_headers, source_slice_index
 
 SEG_SERIES_NUMBER = 901
+# A reviewer's correction of the model's SEG (spleen-seg review): a series of its own.
+CORRECTED_SEG_SERIES_NUMBER = 902
 SEG_SEGMENT_LABEL = "Spleen"
 SEG_MANUFACTURER = "spleen-seg"
 # highdicom logs a dozen INFO lines per SEG ("copy attributes of module ..."), which the
@@ -30,8 +32,13 @@ class AlgorithmInfo:
     weights_sha256: str
 
 
-def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, algorithm: AlgorithmInfo) -> Path:
+def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, algorithm: AlgorithmInfo, *,
+                    corrected: bool = False) -> Path:
     """Write ``mask`` as a DICOM Segmentation (BINARY, one segment "Spleen") of ``series``.
+
+    ``corrected``: the mask is the model's, corrected by a reviewer: SegmentAlgorithmType
+    SEMIAUTOMATIC (the model still named as the algorithm), series number
+    ``CORRECTED_SEG_SERIES_NUMBER`` and a description that says so.
 
     ``mask`` is 0/1 (uint8 or bool) of shape (X, Y, Z) on the grid ``read_series``
     returns for ``series``. Each frame overlays one source slice and references it
@@ -59,7 +66,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, alg
         segment_label=SEG_SEGMENT_LABEL,
         segmented_property_category=codes.SCT.AnatomicalStructure,
         segmented_property_type=codes.SCT.Spleen,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if corrected
+                        else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=algorithm.name,
             family=codes.DCM.ArtificialIntelligence,
@@ -73,7 +81,7 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, alg
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
         series_instance_uid=generate_uid(),
-        series_number=SEG_SERIES_NUMBER,
+        series_number=CORRECTED_SEG_SERIES_NUMBER if corrected else SEG_SERIES_NUMBER,
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer=SEG_MANUFACTURER,
@@ -81,7 +89,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, dest: str | Path, alg
         software_versions=algorithm.version,
         # The weights identify the "device" that made the segmentation.
         device_serial_number=algorithm.weights_sha256[:16] or "unknown",
-        series_description=f"{SEG_SEGMENT_LABEL} segmentation ({algorithm.name} {algorithm.version})",
+        series_description=f"{SEG_SEGMENT_LABEL} segmentation ({algorithm.name} {algorithm.version}"
+                           f"{', corrected by a reviewer' if corrected else ''})",
         omit_empty_frames=bool(frames.any()),
     )
     dest = Path(dest)

@@ -2,8 +2,9 @@
 
 The page is one self-contained file (inline CSS and JavaScript, no network, no server): the
 summary rows are embedded as JSON and a small script lists them, sortable by clicking a
-column (the quality score too: ``pipeline.quality``), filterable by text, status, flag (``review
-suggested`` among them) and volume outliers, 500 rows per page. The state
+column (the quality score too: ``pipeline.quality``; and the reviewer's verdict, summary.csv's
+``review`` column written by ``spleen-seg review``), filterable by text, status, flag (``review
+suggested`` among them), review state and volume outliers, 500 rows per page. The state
 lives in the URL's fragment (``index.html#sort=-volume&status=failed``), so a view can be
 bookmarked or opened by a headless browser. Thumbnails and links are relative paths into
 each case's folder, so the output folder can be moved or copied as a whole.
@@ -109,7 +110,7 @@ def page_data(rows: Sequence[Mapping[str, str]], files: CaseFiles, title: str, e
         table.append([row.get("case", ""), row.get("status", ""), volume, z,
                       None if components is None else int(components), flags, row.get("error", ""),
                       row.get("source", ""), row.get("reused") == "yes", _number(row.get("quality_score")),
-                      row.get("review_suggested") == "yes"])
+                      row.get("review_suggested") == "yes", row.get("review") or ""])
     return {
         "title": title, "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "expected": expected, "rows_per_page": ROWS_PER_PAGE, "flag_labels": FLAG_LABELS,
@@ -172,6 +173,9 @@ td.quality.review{color:#b3261e;font-weight:600}
 .badge.flag{background:#ffe3bf}
 .badge.outlier{background:#ffd54f;font-weight:600}
 tr.status-ok .badge.status{background:#d7f5dd}
+.badge.verdict.accepted{background:#d7f5dd}
+.badge.verdict.rejected{background:#f9c7c2}
+.badge.verdict.corrected{background:#cfe3ff}
 tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f9c7c2;font-weight:600}
 #pager{padding:10px 16px}
 #pager button{margin-right:8px}
@@ -187,6 +191,9 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
 <option value="not_found">not found</option><option value="failed">failed</option>
 <option value="interrupted">interrupted</option></select></label>
 <label>flag <select id="flag"><option value="">any</option></select></label>
+<label>review <select id="verdict"><option value="">any</option><option value="none">not reviewed</option>
+<option value="accepted">accepted</option><option value="rejected">rejected</option>
+<option value="corrected">corrected</option></select></label>
 <label><input id="outliers" type="checkbox"> volume outliers only</label>
 </div>
 <p id="showing"></p>
@@ -195,7 +202,8 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
 <table id="cases">
 <thead><tr><th data-sort="case">case</th><th>preview</th><th data-sort="volume">volume (mL)</th>
 <th data-sort="z">robust z</th><th data-sort="quality" title="fraction of the mask and its boundary the network was unsure about (0 = sure)">quality score</th>
-<th data-sort="status">status</th><th>flags</th><th>reason</th><th>files</th></tr></thead>
+<th data-sort="status">status</th><th data-sort="verdict" title="the reviewer's verdict (spleen-seg review)">review</th>
+<th>flags</th><th>reason</th><th>files</th></tr></thead>
 <tbody id="case-rows"></tbody>
 </table>
 <div id="pager"><button id="previous" type="button">previous</button><button id="next" type="button">next</button>
@@ -206,8 +214,8 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
   "use strict";
   var data = JSON.parse(document.getElementById("cohort-data").textContent);
   var C = {case: 0, status: 1, volume: 2, z: 3, components: 4, flags: 5, error: 6, source: 7, reused: 8, quality: 9,
-           review: 10};
-  var SORTABLE = {case: C.case, volume: C.volume, z: C.z, quality: C.quality, status: C.status};
+           review: 10, verdict: 11};
+  var SORTABLE = {case: C.case, volume: C.volume, z: C.z, quality: C.quality, status: C.status, verdict: C.verdict};
   var body = document.getElementById("case-rows");
   var $ = function (id) { return document.getElementById(id); };
 
@@ -217,7 +225,7 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     if (desc) { sort = sort.slice(1); }
     if (!Object.prototype.hasOwnProperty.call(SORTABLE, sort)) { sort = "case"; desc = false; }
     return {sort: sort, desc: desc, q: (p.get("q") || "").toLowerCase(), status: p.get("status") || "",
-            flag: p.get("flag") || "", outliers: p.get("outliers") === "1",
+            flag: p.get("flag") || "", verdict: p.get("verdict") || "", outliers: p.get("outliers") === "1",
             page: Math.max(1, parseInt(p.get("page") || "1", 10) || 1)};
   }
   function setParam(name, value) {
@@ -267,6 +275,8 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     tr.appendChild(el("td", "num quality" + (r[C.review] ? " review" : ""),
                       r[C.quality] === null ? "" : r[C.quality].toFixed(3)));
     tr.appendChild(el("td", "status")).appendChild(el("span", "badge status", r[C.status].replace("_", " ")));
+    td = tr.appendChild(el("td", "verdict"));
+    if (r[C.verdict]) { td.appendChild(el("span", "badge verdict " + r[C.verdict], r[C.verdict])); }
     td = tr.appendChild(el("td", "flags"));
     r[C.flags].forEach(function (f) { td.appendChild(el("span", "badge flag", data.flag_labels[f] || f)); });
     if (isOutlier(r)) { td.appendChild(el("span", "badge outlier", "volume outlier")); }
@@ -282,9 +292,10 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
   }
 
   function overview() {
-    var counts = {ok: 0, not_found: 0, failed: 0, interrupted: 0}, outliers = 0, review = 0, flags = {};
+    var counts = {ok: 0, not_found: 0, failed: 0, interrupted: 0}, outliers = 0, review = 0, flags = {}, reviewed = 0;
     data.rows.forEach(function (r) {
       counts[r[C.status]] = (counts[r[C.status]] || 0) + 1;
+      if (r[C.verdict]) { reviewed += 1; }
       if (isOutlier(r)) { outliers += 1; }
       if (r[C.review]) { review += 1; }
       r[C.flags].forEach(function (f) { flags[f] = true; });
@@ -292,6 +303,7 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     var s = data.stats, text = data.rows.length + (data.expected ? " of " + data.expected : "") + " cases: ok " +
       counts.ok + ", not found " + counts.not_found + ", failed " + counts.failed +
       (counts.interrupted ? ", interrupted " + counts.interrupted : "") + "; review suggested " + review +
+      "; reviewed " + reviewed +
       "; volume outliers " + outliers;
     if (s.median_ml !== null) {
       text += " (|robust z| > " + s.outlier_z + "; median " + s.median_ml.toFixed(1) + " mL, MAD " +
@@ -309,6 +321,7 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     var s = state(), matches = [];
     data.rows.forEach(function (r, index) {
       if ((s.status && r[C.status] !== s.status) || (s.flag && r[C.flags].indexOf(s.flag) < 0) ||
+          (s.verdict && r[C.verdict] !== (s.verdict === "none" ? "" : s.verdict)) ||
           (s.outliers && !isOutlier(r))) { return; }
       if (s.q && [r[C.case], r[C.source], r[C.error]].concat(r[C.flags]).join(" ").toLowerCase().indexOf(s.q) < 0) {
         return;
@@ -334,6 +347,7 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
     $("q").value = params().get("q") || "";
     $("status").value = s.status;
     $("flag").value = s.flag;
+    $("verdict").value = s.verdict;
     $("outliers").checked = s.outliers;
   }
 
@@ -345,6 +359,7 @@ tr.status-failed .badge.status,tr.status-interrupted .badge.status{background:#f
   });
   $("status").addEventListener("change", function () { setParam("status", $("status").value); });
   $("flag").addEventListener("change", function () { setParam("flag", $("flag").value); });
+  $("verdict").addEventListener("change", function () { setParam("verdict", $("verdict").value); });
   $("outliers").addEventListener("change", function () { setParam("outliers", $("outliers").checked ? "1" : ""); });
   $("previous").addEventListener("click", function () { setParam("page", String(state().page - 1)); });
   $("next").addEventListener("click", function () { setParam("page", String(state().page + 1)); });

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from spleen_seg.errors import InputImageError
 from spleen_seg.io.atomic import atomic_write_text
@@ -162,6 +161,8 @@ def keep_components(mask: np.ndarray, largest_only: bool) -> ComponentResult:
     The result's mask is uint8 0/1; it is ``mask`` itself when that already is one and
     nothing is removed (no whole-volume copy).
     """
+    from scipy import ndimage  # here, not at import: readers of reports (the review app) need no scipy
+
     box = mask_box(mask)
     if box is None:
         return ComponentResult(mask=np.zeros_like(mask, dtype=np.uint8) if mask.dtype != np.uint8 else mask,
