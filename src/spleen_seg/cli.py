@@ -526,7 +526,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                 options=options, overwrite=args.overwrite, on_result=_print_case, cases=cases,
                                 part=part, ray=ray)
     except KeyboardInterrupt:
-        print(f"interrupted: the current case was discarded; {args.output / SUMMARY_FILENAME} lists the finished "
+        discarded = "the cases in flight were" if ray is not None else "the current case was"
+        print(f"interrupted: {discarded} discarded; {args.output / SUMMARY_FILENAME} lists the finished "
               "cases; run the same command again to resume", file=sys.stderr)
         return EXIT_SIGNAL_BASE + terminated[0] if terminated else EXIT_INTERRUPTED
     failures = [r for r in results if r.error]

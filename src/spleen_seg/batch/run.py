@@ -49,6 +49,7 @@ from spleen_seg.errors import ForeignOutputError
 
 if TYPE_CHECKING:
     from spleen_seg.batch.ray import RaySettings
+    from spleen_seg.outputs.report import CaseReport
     from spleen_seg.pipeline.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,17 @@ class _Batch:
                     logger.info("recomputing %s: %s", case, why)
                 todo.append(index)
                 continue
-            status = "ok" if report.spleen_found else "not_found"
-            mask = self.out_dir / case / Path(report.outputs.get("mask", "")).name
-            self.finish(index, CaseResult(source=input_source(self.inputs[index]), output=mask,
-                                          spleen_ml=report.volume_ml, case=case, status=status, report=report,
-                                          reused=True), write=False)
+            self.finish(index, self._from_report(index, report, reused=True), write=False)
         self.summary.write()
         return todo
+
+    def _from_report(self, index: int, report: CaseReport, *, reused: bool) -> CaseResult:
+        """The result of a case whose folder holds a finished report."""
+        case = self.cases[index]
+        mask = self.out_dir / case / Path(report.outputs.get("mask", "")).name
+        return CaseResult(source=input_source(self.inputs[index]), output=mask, spleen_ml=report.volume_ml,
+                          case=case, status="ok" if report.spleen_found else "not_found", report=report,
+                          reused=reused)
 
     def finish(self, index: int, result: CaseResult, *, write: bool = True) -> None:
         """Record a case's result: its summary row (rewritten unless ``write=False``), then the callback."""
@@ -123,15 +128,25 @@ class _Batch:
                 self.on_result(result)
 
     def interrupted(self) -> None:
-        """Ctrl-C: the current case, or under Ray every case in flight (their work folders already removed or
-        left to the next run), is recorded as interrupted."""
+        """Ctrl-C or SIGTERM. A case whose folder was published before the stop is finished, and recorded so,
+        even when its result never reached us (a worker's last rename can beat the stop; seen under Ray in CI);
+        the current case, or under Ray every case in flight (their work folders already removed or left to the
+        next run), is recorded as interrupted."""
         running = self.in_flight | ({self.current} if self.current is not None else set())
-        for index in sorted(running - set(self.results)):
-            source = input_source(self.inputs[index])
-            self.results[index] = CaseResult(source=source, case=self.cases[index], status="interrupted",
-                                             error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
-            self.summary.record(index, SummaryRow(case=self.cases[index], source=str(source), status="interrupted",
-                                                  error=self.results[index].error or ""), write=False)
+        for index in range(len(self.cases)):
+            if index in self.results:
+                continue
+            report, _ = finished_report(self.out_dir / self.cases[index], self.identity,
+                                        functools.partial(self.digest, index))
+            if report is not None:
+                self.finish(index, self._from_report(index, report, reused=False), write=False)
+            elif index in running:
+                source = input_source(self.inputs[index])
+                self.results[index] = CaseResult(source=source, case=self.cases[index], status="interrupted",
+                                                 error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
+                self.summary.record(index, SummaryRow(case=self.cases[index], source=str(source),
+                                                      status="interrupted", error=self.results[index].error or ""),
+                                    write=False)
         self.summary.write(final=True)
 
     def ordered_results(self) -> list[CaseResult]:
@@ -294,24 +309,28 @@ class _Pipeline:
             self.writer.submit(warm_output_imports)
         network_case(job, segmenter)
         while len(self.finishing) > MAX_FINISHING - 1:
-            self._record(*self.finishing.popleft())
+            self._record_first()
         self.finishing.append((index, self.writer.submit(finish_case, job, segmenter)))
         batch.current = None
         self._record_done()
 
     def _record_done(self) -> None:
         while self.finishing and self.finishing[0][1].done():
-            self._record(*self.finishing.popleft())
+            self._record_first()
 
-    def _record(self, index: int, future: Future) -> None:
+    def _record_first(self) -> None:
+        """Record the oldest case in the writer (waits for it). It leaves the queue only once recorded: a Ctrl-C
+        while waiting leaves it there for ``drain``, instead of dropping a case the writer goes on to publish."""
+        index, future = self.finishing[0]
         result = future.result()
+        self.finishing.popleft()
         self.batch.finish(index, result)
         self.bar.done(result)
 
     def drain(self) -> None:
         """Record every case the writer holds (waits for it)."""
         while self.finishing:
-            self._record(*self.finishing.popleft())
+            self._record_first()
 
 
 def _ahead_mode(current: CaseJob, following: InputItem) -> str:

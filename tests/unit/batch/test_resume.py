@@ -198,6 +198,30 @@ def test_ctrl_c_discards_the_current_case_and_writes_the_summary(batch, monkeypa
     assert sorted(p.name for p in batch.out.iterdir()) == ["a", "index.html", "run_info.json", "summary.csv"]  # no work folder
 
 
+def test_a_case_published_as_ctrl_c_lands_is_recorded_finished(batch, network, monkeypatch):
+    """The writer publishes c's folder and the stop reaches us before its result (the race CI met under Ray):
+    the summary says ok, with the folder's volume, not interrupted beside a finished folder."""
+    import spleen_seg.batch.run as batch_run
+
+    real_finish = batch_run.finish_case
+
+    def finish_then_stop(job, segmenter):
+        result = real_finish(job, segmenter)
+        if job.case == "c":
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(batch_run, "finish_case", finish_then_stop)
+    printed = []
+    with pytest.raises(KeyboardInterrupt):
+        run(batch, on_result=printed.append)
+    rows = summary(batch.out)
+    assert [(row["case"], row["status"]) for row in rows] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
+    report = (batch.out / "c" / "report.json").read_text()
+    assert float(rows[2]["volume_ml"]) > 0 and f'"volume_ml": {rows[2]["volume_ml"]}' in report.replace("\n", "")
+    assert [r.case for r in printed] == list(CASES) and not printed[2].reused
+
+
 def test_folders_that_cannot_be_expanded_are_failed_cases(tmp_path, network):
     from synthetic_dicom import random_volume, write_series
 
