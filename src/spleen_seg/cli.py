@@ -222,6 +222,9 @@ def _add_train_parser(sub, quiet: argparse.ArgumentParser) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the last every-epoch checkpoint")
     train.add_argument("--fix-msd-orientation", action="store_true",
                        help="correct MSD Task09 headers (voxels LPS, headers RAS) so the weights learn true anatomy")
+    train.add_argument("--init-weights", type=_existing_file, metavar="WEIGHTS",
+                       help="fine-tune: start from these weights (state dict, checkpoint or the official model.pt); "
+                            "the first validation runs before the first update")
 
 
 def _add_evaluate_parser(sub, quiet: argparse.ArgumentParser) -> None:
@@ -374,6 +377,8 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["resume"] = True
     if getattr(args, "fix_msd_orientation", False):
         overrides["fix_msd_orientation"] = True
+    if getattr(args, "init_weights", None) is not None:
+        overrides["init_weights"] = str(args.init_weights.resolve())
     overrides.update(dict(args.overrides))
     return overrides
 
