@@ -348,9 +348,35 @@ def _add_status_parser(sub, quiet: argparse.ArgumentParser) -> None:
     status.add_argument("--limit", type=_positive_int, help="show only the newest N jobs")
 
 
+# --------------------------------------------------------------------------- corrections (review/corrections.py)
+# Its own block: the parser and the command (registered in SUBCOMMAND_PARSERS and COMMANDS).
+
+def _add_corrections_parser(sub, quiet: argparse.ArgumentParser) -> None:
+    corrections = sub.add_parser("corrections", parents=[quiet], help="the reviewed cases as training data")
+    corrections_sub = corrections.add_subparsers(dest="corrections_command", required=True)
+    export = corrections_sub.add_parser(
+        "export", parents=[quiet], help="write the accepted and corrected cases of an output folder in the MSD "
+        "layout (imagesTr/, labelsTr/, dataset.json) for spleen-seg train")
+    export.add_argument("output_folder", type=_existing_dir, metavar="OUT", help="the -o folder of spleen-seg segment")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="DATASET",
+                        help="dataset folder: new, empty, or one this command wrote")
+
+
+def cmd_corrections(args: argparse.Namespace) -> int:
+    """``corrections export``: one line per case left out or failed, then the summary; exit 2 when a case
+    failed or none was exported."""
+    from spleen_seg.review.corrections import export_corrections
+
+    summary = export_corrections(args.output_folder, args.output, progress=not args.quiet,
+                                 on_line=lambda text: _line(text, sys.stderr))
+    _line(summary.line())
+    return EXIT_USER_ERROR if summary.failed or not summary.exported else 0
+
+
 SUBCOMMAND_PARSERS = (_add_segment_parser, _add_train_parser, _add_evaluate_parser, _add_demo_parser,
                       _add_export_parser, _add_benchmark_parser, _add_data_parser, _add_weights_parser,
-                      _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser)
+                      _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser,
+                      _add_corrections_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,7 +637,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
             "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "corrections": cmd_corrections}
 
 
 def main(argv: list[str] | None = None) -> int:
