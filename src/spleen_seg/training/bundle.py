@@ -44,7 +44,9 @@ CONFIG_FILES = (
 _ATTACH_RESUME = "$spleen_seg.training.train.attach_resume(@train#trainer, @network, @optimizer, @ckpt_dir, @resume)"
 # One line per validation with elapsed time and ETA; after the resume loader (the restored epoch).
 _ATTACH_PROGRESS = "$spleen_seg.training.train.attach_progress(@train#trainer, @validate#evaluator)"
-# --init_weights: copy them into the network before the trainer starts (nothing without them).
+# --init_weights: copy them into the network before the trainer starts (nothing without them). Last
+# before the run: the trainer (and with it the network's random initialisation) is built first, in
+# the order the reference builds it, so a run without init weights is the same run as before.
 _START_FROM = "$spleen_seg.training.train.start_from(@network, @init_weights, @ckpt_dir, @fix_msd_orientation)"
 # With init weights the first validation runs before the first update (not when resuming: the
 # network then continues from its checkpoint).
@@ -253,7 +255,7 @@ def train_config(recipe: Recipe = RECIPE, run: TrainingRun = TRAINING_RUN) -> di
         "train": _train_section(recipe),
         "validate": _validate_section(recipe),
         "initialize": [f"$monai.utils.set_determinism(seed={tr.seed})"],
-        "run": [_START_FROM, _ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, _START_FROM, "$@train#trainer.run()"],
     }
 
 
@@ -417,7 +419,7 @@ def multi_gpu_train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@train#trainer.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
-        "run": [_START_FROM, _ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, _START_FROM, "$@train#trainer.run()"],
         "finalize": ["$spleen_seg.training.distributed.destroy_process_group(@network)"],
     }
 

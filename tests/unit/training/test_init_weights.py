@@ -114,5 +114,9 @@ def test_the_bundle_default_starts_from_random_weights_and_validates_after_train
     assert validation["_target_"] == "ValidationHandler"
     assert validation["exec_at_start"] == "$@init_weights is not None and not @resume"
     for name in ("train.json", "multi_gpu_train.json"):
-        assert bundle_configs()[name]["run"][0].startswith("$spleen_seg.training.train.start_from(@network, "
-                                                           "@init_weights"), name
+        # After the trainer is built (attach_resume), just before it runs: the random initialisation
+        # draws from the seeded generator in the same order as without init weights.
+        run = bundle_configs()[name]["run"]
+        assert run[0].startswith("$spleen_seg.training.train.attach_resume(@train#trainer"), name
+        assert run[2].startswith("$spleen_seg.training.train.start_from(@network, @init_weights"), name
+        assert run[3] == "$@train#trainer.run()", name
