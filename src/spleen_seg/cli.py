@@ -248,6 +248,9 @@ def _add_train_parser(sub, quiet: argparse.ArgumentParser) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the last every-epoch checkpoint")
     train.add_argument("--fix-msd-orientation", action="store_true",
                        help="correct MSD Task09 headers (voxels LPS, headers RAS) so the weights learn true anatomy")
+    train.add_argument("--init-weights", type=_existing_file, metavar="WEIGHTS",
+                       help="fine-tune: start from these weights (state dict, checkpoint or the official model.pt); "
+                            "the first validation runs before the first update")
 
 
 def _add_evaluate_parser(sub, quiet: argparse.ArgumentParser) -> None:
@@ -431,10 +434,39 @@ def cmd_review(args: argparse.Namespace) -> int:
 # --- end of spleen-seg review ---
 
 
+# --------------------------------------------------------------------------- corrections (review/corrections.py)
+# Its own block: the parser and the command (registered in SUBCOMMAND_PARSERS and COMMANDS).
+
+def _add_corrections_parser(sub, quiet: argparse.ArgumentParser) -> None:
+    corrections = sub.add_parser("corrections", parents=[quiet], help="the reviewed cases as training data")
+    corrections_sub = corrections.add_subparsers(dest="corrections_command", required=True)
+    export = corrections_sub.add_parser(
+        "export", parents=[quiet], help="write the accepted and corrected cases of an output folder in the MSD "
+        "layout (imagesTr/, labelsTr/, dataset.json) for spleen-seg train")
+    export.add_argument("output_folder", type=_existing_dir, metavar="OUT", help="the -o folder of spleen-seg segment")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="DATASET",
+                        help="dataset folder: new, empty, or one this command wrote")
+    export.add_argument("--convention", choices=("auto", "true", "msd"), default="auto",
+                        help="orientation convention of the written headers, that of the weights you will fine-tune: "
+                             "true (the anatomy where the headers say), msd (mirrored as in MSD Task09, what the "
+                             "official weights learned); auto (default): that of the weights that made the masks")
+
+
+def cmd_corrections(args: argparse.Namespace) -> int:
+    """``corrections export``: one line per case left out or failed, then the summary; exit 2 when a case
+    failed or none was exported."""
+    from spleen_seg.review.corrections import export_corrections
+
+    summary = export_corrections(args.output_folder, args.output, convention=args.convention, progress=not args.quiet,
+                                 on_line=lambda text: _line(text, sys.stderr))
+    _line(summary.line())
+    return EXIT_USER_ERROR if summary.failed or not summary.exported else 0
+
+
 SUBCOMMAND_PARSERS = (_add_segment_parser, _add_train_parser, _add_evaluate_parser, _add_demo_parser,
                       _add_export_parser, _add_benchmark_parser, _add_data_parser, _add_weights_parser,
                       _add_compare_parser, _add_merge_summaries_parser, _add_serve_parser, _add_status_parser,
-                      _add_review_parser)
+                      _add_review_parser, _add_corrections_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,6 +493,8 @@ def _bundle_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["resume"] = True
     if getattr(args, "fix_msd_orientation", False):
         overrides["fix_msd_orientation"] = True
+    if getattr(args, "init_weights", None) is not None:
+        overrides["init_weights"] = str(args.init_weights.resolve())
     overrides.update(dict(args.overrides))
     return overrides
 
@@ -700,7 +734,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 COMMANDS = {"export": cmd_export, "benchmark": cmd_benchmark, "segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "data": cmd_data,
             "weights": cmd_weights, "serve": cmd_node, "status": cmd_node, "merge-summaries": cmd_merge_summaries,
-            "compare": cmd_compare, "review": cmd_review}
+            "compare": cmd_compare, "review": cmd_review, "corrections": cmd_corrections}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,28 @@ class Recipe:
 
 RECIPE = Recipe()
 
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A training run's own choices, not hyper-parameters: where it starts and how it reads its data.
+
+    Kept apart from ``Recipe``, whose digest identifies segmentation outputs (batch/resume.py):
+    what a training run starts from does not change how a mask is computed.
+    """
+
+    # Continue from the run's last every-epoch checkpoint (training/train.py attach_resume).
+    resume: bool = False
+    # Correct the MSD Task09 headers (voxels LPS, headers RAS; model-zoo #766) so that the
+    # weights learn true anatomy; false, as the reference: MSD-convention weights.
+    fix_msd_orientation: bool = False
+    # Weights to start from (state dict or checkpoint: fine-tuning); None, as the reference,
+    # starts from random weights. Given, the first validation runs before the first update,
+    # so models/model.pt is never worse on the validation cases than these weights.
+    init_weights: str | None = None
+
+
+TRAINING_RUN = TrainingRun()
+
 # spleen-seg compare flags a spleen volume growth above this many percent (outputs/compare.py).
 GROWTH_THRESHOLD_PERCENT = 10.0
 

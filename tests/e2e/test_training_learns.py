@@ -13,10 +13,10 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard_scalars import tensorboard_scalars
 
 CLI = [sys.executable, "-m", "spleen_seg.cli", "-q"]
 # The largest spleen of the e2e phantoms (283 mL), stored once to train on and once more,
@@ -41,21 +41,6 @@ MIN_FINAL_DICE = 0.5
 TRAIN_TIMEOUT_S = 900
 
 
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the run's TensorBoard event files: tag -> [(step, value)] by step."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                # The loader turns simple_value scalars into tensor summaries.
-                number = value.simple_value if value.HasField("simple_value") else make_ndarray(value.tensor).item()
-                found.setdefault(value.tag, []).append((event.step, float(number)))
-    return {tag: sorted(values) for tag, values in found.items()}
-
-
 @pytest.mark.slow
 def test_training_learns_a_phantom(phantom, write_nifti, run_command, tail, tmp_path):
     dataset = tmp_path / "Task09_Spleen"
@@ -72,7 +57,7 @@ def test_training_learns_a_phantom(phantom, write_nifti, run_command, tail, tmp_
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, tail(proc)
 
-    scalars = _scalars(root / "eval")
+    scalars = tensorboard_scalars(root / "eval")
     losses = [value for _, value in scalars["train_loss"]]
     assert len(losses) == EPOCHS  # one crop of one training case per epoch
     first, last = np.mean(losses[:LOSS_WINDOW]), np.mean(losses[-LOSS_WINDOW:])

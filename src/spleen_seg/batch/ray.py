@@ -352,9 +352,11 @@ class _Window:
         could be stopped; the rest stay in flight for the caller (a stopped worker's half-written hidden work
         folder is removed by the next run, ``remove_stale_work_dirs``)."""
         ray = self.ray
-        if not self.plan.whole_cases:
-            for ref in self.pending:
-                ray.cancel(ref, force=True)
+        # No ray.cancel of the stage tasks: a cancel racing the task's reply aborts the driver in Ray's
+        # core worker ("Check failed: ... Tried to complete task that was not pending", seen in our SIGTERM
+        # test on Ray 2.60; ray-project/ray#54798 fixed one path of that race). Killing the actors fails
+        # every case still waiting for its network at once; a stage already running (reading, writing)
+        # finishes within the grace and its case is recorded.
         for actor in self.actors:  # its case, if any, stops now: no folder appears after the summary
             ray.kill(actor, no_restart=True)
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=INTERRUPT_GRACE_S,

@@ -396,11 +396,17 @@ def _read_slabs(path: Path, image: nib.Nifti1Image, out: np.ndarray) -> tuple[fl
 
 def write_mask(mask: np.ndarray, geometry: Geometry, dest: str | Path) -> Path:
     """Write a uint8 mask with exactly the geometry (shape, affine, codes) of its source."""
-    if tuple(mask.shape) != geometry.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the image shape {geometry.shape}")
+    return write_volume(np.asarray(mask, dtype=np.uint8), geometry, dest)
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, dest: str | Path) -> Path:
+    """Write ``array`` (X, Y, Z) in its own dtype (uint8 mask, int16 or float32 HU), unscaled, with exactly
+    ``geometry``'s shape, affine and header codes, atomically."""
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"array shape {array.shape} differs from the image shape {geometry.shape}")
     header = geometry.header.copy() if geometry.header is not None else None
-    image = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), geometry.affine_ras, header=header)
-    image.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(array, geometry.affine_ras, header=header)
+    image.set_data_dtype(array.dtype)
     image.header.set_slope_inter(1.0, 0.0)
     if header is None:
         image.set_sform(geometry.affine_ras, code=1)

@@ -85,17 +85,37 @@ def load_network(path: str | Path, device: torch.device, config: NetworkConfig =
             return torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as err:
             raise WeightsError(f"{path}: unreadable TorchScript file ({err.__class__.__name__})") from err
+    net = build(config)
+    load_weights_into(net, path)
+    return net.to(device).eval()
+
+
+def load_weights_into(net: torch.nn.Module, path: str | Path) -> None:
+    """Copy the weights of a state dict or checkpoint file (``load_network``'s rules) into ``net``, in place.
+
+    The parameters stay the same tensor objects (an optimiser built on them keeps working);
+    every parameter and buffer must fit (strict), fp16 files are cast to ``net``'s dtype.
+
+    Raises:
+        WeightsError: the file is missing, TorchScript, unreadable, or does not fit ``net``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if is_torchscript(path):
+        raise WeightsError(f"{path}: a TorchScript file holds a compiled network, not weights to start from; "
+                           "give the state dict it was exported from (models/model.pt)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip/EOF errors differ by corruption: report them all as one
         raise WeightsError(f"{path}: not a readable PyTorch weights file ({err.__class__.__name__})") from err
-    net = build(config)
     try:
         net.load_state_dict(extract_state_dict(obj, path), strict=True)
     except RuntimeError as err:
         first_line = str(err).splitlines()[0]
         raise WeightsError(f"{path}: weights do not fit the bundle's UNet: {first_line}") from err
-    return net.to(device).eval()
 
 
 def demo_weights_path() -> Path:

@@ -11,12 +11,11 @@ installed outside this repository.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from spleen_seg import __version__
-from spleen_seg.config import RECIPE, Recipe
+from spleen_seg.config import RECIPE, TRAINING_RUN, Recipe, TrainingRun
 from spleen_seg.training.transforms import (
     inference_preprocessing_config,
     inversion_config,
@@ -44,6 +43,13 @@ CONFIG_FILES = (
 _ATTACH_RESUME = "$spleen_seg.training.train.attach_resume(@train#trainer, @network, @optimizer, @ckpt_dir, @resume)"
 # One line per validation with elapsed time and ETA; after the resume loader (the restored epoch).
 _ATTACH_PROGRESS = "$spleen_seg.training.train.attach_progress(@train#trainer, @validate#evaluator)"
+# --init_weights: copy them into the network before the trainer starts (nothing without them). Last
+# before the run: the trainer (and with it the network's random initialisation) is built first, in
+# the order the reference builds it, so a run without init weights is the same run as before.
+_START_FROM = "$spleen_seg.training.train.start_from(@network, @init_weights, @ckpt_dir, @fix_msd_orientation)"
+# With init weights the first validation runs before the first update (not when resuming: the
+# network then continues from its checkpoint).
+_VALIDATE_AT_START = "$@init_weights is not None and not @resume"
 
 
 def _common(recipe: Recipe) -> dict[str, Any]:
@@ -120,6 +126,7 @@ def _train_section(recipe: Recipe) -> dict[str, Any]:
                 "validator": "@validate#evaluator",
                 "epoch_level": True,
                 "interval": "@val_interval",
+                "exec_at_start": _VALIDATE_AT_START,
             },
             {
                 "_target_": "StatsHandler",
@@ -222,7 +229,7 @@ def _validate_section(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
+def train_config(recipe: Recipe = RECIPE, run: TrainingRun = TRAINING_RUN) -> dict[str, Any]:
     tr = recipe.training
     return {
         "imports": ["$import glob", "$import os", "$import ignite", "$import spleen_seg",
@@ -233,10 +240,9 @@ def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
         "val_interval": tr.val_interval,
         "val_count": tr.val_count,
         "num_workers": tr.num_workers,
-        "resume": False,
-        # true: correct the MSD Task09 headers (voxels LPS, headers RAS; model-zoo #766) so
-        # that the weights learn true anatomy. false, as the reference: MSD-convention weights.
-        "fix_msd_orientation": False,
+        "resume": run.resume,
+        "fix_msd_orientation": run.fix_msd_orientation,
+        "init_weights": run.init_weights,
         "loss": {
             "_target_": "DiceCELoss",
             "to_onehot_y": True,
@@ -248,7 +254,7 @@ def train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
         "train": _train_section(recipe),
         "validate": _validate_section(recipe),
         "initialize": [f"$monai.utils.set_determinism(seed={tr.seed})"],
-        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, _START_FROM, "$@train#trainer.run()"],
     }
 
 
@@ -413,7 +419,7 @@ def multi_gpu_train_config(recipe: Recipe = RECIPE) -> dict[str, Any]:
             "$@train#trainer.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
             "$@validate#evaluator.logger.setLevel(logging.WARNING if dist.get_rank() > 0 else logging.INFO)",
         ],
-        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, "$@train#trainer.run()"],
+        "run": [_ATTACH_RESUME, _ATTACH_PROGRESS, _START_FROM, "$@train#trainer.run()"],
         "finalize": ["$spleen_seg.training.distributed.destroy_process_group(@network)"],
     }
 
@@ -561,4 +567,9 @@ def write_bundle_configs(config_dir: str | Path, recipe: Recipe = RECIPE) -> Pat
 
 
 if __name__ == "__main__":  # python -m spleen_seg.training.bundle configs
-    write_bundle_configs(sys.argv[1] if len(sys.argv) > 1 else "configs")
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="python -m spleen_seg.training.bundle",
+                                  description="write the bundle's configs/*.json from the recipe (config.py)")
+    cli.add_argument("folder", nargs="?", default="configs", help="where to write them (default: configs)")
+    write_bundle_configs(cli.parse_args().folder)

@@ -42,6 +42,10 @@ LABELS_TRAIN_DIR = "labelsTr"
 IMAGES_TEST_DIR = "imagesTs"
 
 DOWNLOAD_HINT = "run `spleen-seg data download` or `spleen-seg data phantom`"
+# dataset.json may declare the orientation convention of its headers (pipeline.network's "true":
+# they place the anatomy where it is, as a corrections export's do; "msd": MSD Task09's mirrored
+# ones); a training run checks its init weights and flags against it (training/train.py).
+ORIENTATION_KEY = "orientation_convention"
 
 
 # --------------------------------------------------------------------------- datalists
@@ -111,6 +115,37 @@ def msd_datalist(dataset_dir: str | Path, split: str, val_count: int = VAL_COUNT
             "add cases or lower val_count"
         )
     return cases[:-val_count] if split == "training" else cases[-val_count:]
+
+
+def msd_training_entry(file_name: str) -> dict[str, str]:
+    """``dataset.json``'s entry of a labelled case: its image and label, same file name, relative paths."""
+    return {"image": f"./{IMAGES_TRAIN_DIR}/{file_name}", "label": f"./{LABELS_TRAIN_DIR}/{file_name}"}
+
+
+def msd_dataset_json(*, description: str, reference: str, licence: str, training: list[dict[str, str]],
+                     test: list[str] | None = None, extra: dict[str, object] | None = None) -> dict[str, object]:
+    """An MSD Task09 ``dataset.json`` (the Decathlon's keys, one label: spleen) listing ``training``
+    (:func:`msd_training_entry`) and ``test`` (``./imagesTs/...``); ``extra`` keys are added as given."""
+    test = list(test or [])
+    return {"name": "Spleen", "description": description, "reference": reference, "licence": licence,
+            "release": "1.0", "tensorImageSize": "3D", "modality": {"0": "CT"},
+            "labels": {"0": "background", "1": "spleen"}, "numTraining": len(training), "numTest": len(test),
+            "training": training, "test": test, **(extra or {})}
+
+
+def dataset_orientation_convention(dataset_dir: str | Path) -> str | None:
+    """The orientation convention ``dataset_dir/dataset.json`` declares (:data:`ORIENTATION_KEY`), or
+    None when it declares none (or there is no dataset.json): unknown, as for the MSD archive."""
+    from spleen_seg.pipeline.network import ORIENTATION_CONVENTIONS
+
+    path = Path(dataset_dir).expanduser() / DATASET_JSON
+    if not path.is_file():
+        return None
+    value = _read_dataset_json(path).get(ORIENTATION_KEY)
+    if value is not None and value not in ORIENTATION_CONVENTIONS:
+        raise DatasetError(f"{path}: {ORIENTATION_KEY} is {value!r}, not one of {', '.join(ORIENTATION_CONVENTIONS)}; "
+                           "fix it or remove the key")
+    return None if value is None else str(value)
 
 
 def _is_hidden(path: Path) -> bool:

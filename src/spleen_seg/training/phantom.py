@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from spleen_seg.errors import ConfigError
+from spleen_seg.training.data import msd_dataset_json, msd_training_entry
 from spleen_seg.training.phantom_anatomy import (
     SPLEEN,
     SPLEEN_Z_REACH_MM,
@@ -210,13 +211,12 @@ def write_msd_dataset(out_dir: str | Path, n_cases: int, seed: int, *, n_test: i
         if case_id <= n_cases:
             _save_atomic(case.image_hu, root / "imagesTr" / name, case.affine)
             _save_atomic(case.spleen_mask, root / "labelsTr" / name, case.affine)
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+            training.append(msd_training_entry(name))
         else:
             _save_atomic(case.image_hu, root / "imagesTs" / name, case.affine)
             test.append(f"./imagesTs/{name}")
-    _save_atomic({
-        "name": "Spleen", "description": f"Synthetic spleen CT phantoms (spleen_seg.training.phantom, seed {seed})",
-        "reference": "spleen_seg synthetic phantom generator", "licence": "CC-BY-SA 4.0", "release": "1.0",
-        "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
-        "numTraining": n_cases, "numTest": n_test, "training": training, "test": test}, root / "dataset.json")
+    _save_atomic(msd_dataset_json(
+        description=f"Synthetic spleen CT phantoms (spleen_seg.training.phantom, seed {seed})",
+        reference="spleen_seg synthetic phantom generator", licence="CC-BY-SA 4.0", training=training, test=test),
+        root / "dataset.json")
     return root

@@ -31,7 +31,9 @@ kept = {{"model": model}}
 kept["self"] = kept  # a reference cycle keeps DDP alive until shutdown
 distributed.destroy_process_group(model)
 names = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {{os.environ['RANK']}} threads after destroy: {{','.join(names)}}", flush=True)
+# One write of one line (under PIPE_BUF): print's text and newline are two writes, and the two ranks'
+# lines interleaved on the shared pipe ("...pythonrank 0 threads...").
+os.write(1, f"rank {{os.environ['RANK']}} threads after destroy: {{','.join(names)}}\\n".encode())
 """
 
 

@@ -22,7 +22,7 @@ def test_the_recipe_trains_without_flips():
     recipe_transforms = train_config(RECIPE)[section][key]
     assert recipe_transforms == training_random_config(RECIPE, RECIPE.training)
     assert mirrored_axes(recipe_transforms) == ""
-    assert weights_record(recipe_transforms, False) == {"trained_with_flips": False, "safe_tta_axes": ""}
+    assert weights_record(recipe_transforms, None) == {"trained_with_flips": False, "safe_tta_axes": ""}
 
 
 @pytest.mark.parametrize(("flips", "axes"), [
@@ -38,7 +38,7 @@ def test_the_recipe_trains_without_flips():
 def test_flips_in_the_random_transforms_are_found(flips, axes):
     transforms = [*training_random_config(RECIPE, RECIPE.training), *flips]
     assert mirrored_axes(transforms) == axes
-    assert weights_record(transforms, True) == {"trained_with_flips": bool(axes), "safe_tta_axes": axes,
+    assert weights_record(transforms, "true") == {"trained_with_flips": bool(axes), "safe_tta_axes": axes,
                                                 "orientation_convention": "true"}
 
 
@@ -46,7 +46,7 @@ def test_the_record_written_is_the_one_segment_reads(tmp_path):
     weights = tmp_path / "model.pt"
     weights.write_bytes(b"weights")
     (tmp_path / "model.pt.json").write_text(json.dumps({"orientation_convention": "true", "stale": 1}))
-    write_weights_record(weights, weights_record([FLIP_X], False))  # new weights: the old record goes
+    write_weights_record(weights, weights_record([FLIP_X], None))  # new weights: the old record goes
     assert read_weights_record(weights) == {"trained_with_flips": True, "safe_tta_axes": "x"}
     assert weights_orientation_convention(weights) == "true"  # no key: the default, as without a sidecar
     assert weights_flip_record(weights).safe_axes == "x"
