@@ -54,7 +54,7 @@ def exported(phantom_dataset, run_command, tail, tmp_path_factory):
     proc = run_command([*CLI, "corrections", "export", str(out), "-o", str(dataset)])
     assert proc.returncode == 0, tail(proc)
     assert proc.stdout.strip() == (f"3 exported: 2 corrected, 1 accepted; 1 left out (1 rejected without correction, "
-                                   f"0 not reviewed); 0 failed -> {dataset}")
+                                   f"0 not reviewed); 0 failed -> {dataset} (orientation convention true)")
     assert proc.stderr.strip().splitlines()[-1] == f"left out: {cases[3]}: rejected without a correction"
     return dataset
 
