@@ -11,7 +11,7 @@ each of these first recognises what it replaces or removes:
   :func:`new_work_folder` writes first into every work folder and the rename to ``<case>``
   carries along. A case folder of an earlier version (written before the marker) is
   recognised by what resume already requires of it: a readable ``report.json`` whose
-  outputs are all there (``batch.resume.complete_report``). A work folder holding nothing
+  outputs are all there (``complete_report``). A work folder holding nothing
   else than, at most, the marker is removable too: nothing is lost.
 * **A review** (``report.json``'s ``review`` record, or the corrected mask beside the model's,
   see ``outputs.review_state``) is never replaced or removed, whoever wrote the folder: a
@@ -34,10 +34,13 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from spleen_seg.batch.resume import complete_report
 from spleen_seg.errors import ForeignOutputError
 from spleen_seg.outputs.review_state import CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME, REVIEW_KEY
+
+if TYPE_CHECKING:
+    from spleen_seg.outputs.report import CaseReport
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,23 @@ MAX_REPORT_BYTES = 16 * 2**20
 # Run-level files are recognised from this many first bytes.
 FILE_HEAD_BYTES = 4096
 HOW_TO_PROCEED = "it is left as it is: move it away, or choose another output folder (-o)"
+
+
+def complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
+    """The case's report when its folder holds it and every output it lists, else (None, why)."""
+    from spleen_seg.outputs.report import REPORT_FILENAME, read_report
+
+    if not case_dir.is_dir():
+        return None, "not computed yet"
+    report = read_report(case_dir / REPORT_FILENAME)
+    if report is None:
+        return None, f"no readable {REPORT_FILENAME}"
+    # Outputs are recorded with the folder's path at the time: look them up by name, so
+    # that a moved output folder still resumes.
+    missing = [name for name, path in report.outputs.items() if not (case_dir / Path(path).name).is_file()]
+    if not report.outputs or missing:
+        return None, f"outputs missing ({', '.join(missing) or 'none listed'})"
+    return report, ""
 
 
 def new_work_folder(folder: Path) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from spleen_seg import __version__
 from spleen_seg.batch.inputs import FailedInput, InputItem
+from spleen_seg.batch.ownership import complete_report
 from spleen_seg.config import RECIPE
 
 if TYPE_CHECKING:
@@ -77,23 +78,6 @@ def batch_identity(weights_sha256: str, orientation_convention: str, options: Se
 
 def case_identity(base: dict[str, Any], digest: str | None) -> dict[str, Any]:
     return {INPUT_DIGEST_KEY: digest, **base}
-
-
-def complete_report(case_dir: Path) -> tuple[CaseReport | None, str]:
-    """The case's report when its folder holds it and every output it lists, else (None, why)."""
-    from spleen_seg.outputs.report import REPORT_FILENAME, read_report
-
-    if not case_dir.is_dir():
-        return None, "not computed yet"
-    report = read_report(case_dir / REPORT_FILENAME)
-    if report is None:
-        return None, f"no readable {REPORT_FILENAME}"
-    # Outputs are recorded with the folder's path at the time: look them up by name, so
-    # that a moved output folder still resumes.
-    missing = [name for name, path in report.outputs.items() if not (case_dir / Path(path).name).is_file()]
-    if not report.outputs or missing:
-        return None, f"outputs missing ({', '.join(missing) or 'none listed'})"
-    return report, ""
 
 
 def _difference(recorded: dict[str, Any], base: dict[str, Any]) -> str:
