@@ -8,11 +8,11 @@ Memory is measured with tracemalloc, which sees the bytes zlib inflates and nump
 from __future__ import annotations
 
 import io
-import tracemalloc
 
 import numpy as np
 import pydicom
 import pytest
+from memory_trace import traced_peak
 from synthetic_dicom import (
     only_series,
     random_volume,
@@ -33,23 +33,10 @@ BOMB_PIXEL_BYTES = BOMB_SIDE * BOMB_SIDE * 2
 HEADER_TRACED_MAX = 2 * MB
 
 
-def _traced_peak(call) -> tuple[object, int]:
-    """``call()``'s result (or the exception it raised) and the peak bytes it allocated."""
-    tracemalloc.start()
-    try:
-        try:
-            result = call()
-        except Exception as err:  # returned, for the test to assert on
-            result = err
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_deflated_header_is_read_without_inflating_the_pixels(tmp_path):
     (path,) = write_deflated_bomb_series(tmp_path, 1)
     assert path.stat().st_size < 160_000
-    ds, traced = _traced_peak(lambda: read_dataset(path, stop_before_pixels=True))
+    ds, traced = traced_peak(lambda: read_dataset(path, stop_before_pixels=True))
     assert traced < HEADER_TRACED_MAX, f"{traced / MB:.0f} MiB traced to read a header"  # pydicom: 256 MiB
     assert (ds.Rows, ds.Columns, ds.Modality) == (BOMB_SIDE, BOMB_SIDE, "CT")
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
@@ -59,7 +46,7 @@ def test_deflated_header_is_read_without_inflating_the_pixels(tmp_path):
 def test_finding_a_folder_of_deflated_bombs_inflates_none(tmp_path):
     """pydicom's header keeps the inflated stream: 4 headers held 512 MiB during find_series."""
     write_deflated_bomb_series(tmp_path / "bombs", 4)
-    found, traced = _traced_peak(lambda: find_series(tmp_path / "bombs"))
+    found, traced = traced_peak(lambda: find_series(tmp_path / "bombs"))
     assert traced < 4 * HEADER_TRACED_MAX, f"{traced / MB:.0f} MiB traced"
     volumes, _ = found
     assert [len(volume.files) for volume in volumes] == [4]
@@ -80,7 +67,7 @@ def test_a_stream_that_inflates_beyond_its_header_is_refused_before_it_inflates(
     """The header says 64 x 64 pixels; the PixelData element holds (and declares) 128 MiB."""
     write_deflated_bomb_series(tmp_path / "lie", 2, rows=64, columns=64, zero_bytes=BOMB_PIXEL_BYTES)
     (series,) = find_series(tmp_path / "lie")[0]
-    err, traced = _traced_peak(lambda: read_series(series))
+    err, traced = traced_peak(lambda: read_series(series))
     assert isinstance(err, InputImageError), err
     assert "inflates beyond 1.1 MB, more than its header declares" in str(err)
     assert str(series.files[0]) in str(err) and "\n" not in str(err)
@@ -98,7 +85,7 @@ def test_a_header_declaring_more_than_its_deflated_bytes_can_hold_is_refused(tmp
     assert f"cannot read {paths[0]} (InflateError: the header declares 8192 x 8192 pixels x 1 frames of 16 bits " \
            "(134.2 MB of pixel data) in 15.6 kB, which deflate cannot expand beyond 16.1 MB: truncated or corrupt" \
         in str(err.value)
-    refused, traced = _traced_peak(lambda: read_dataset(paths[0], stop_before_pixels=False))
+    refused, traced = traced_peak(lambda: read_dataset(paths[0], stop_before_pixels=False))
     assert isinstance(refused, ValueError) and "cannot expand" in str(refused)
     assert traced < HEADER_TRACED_MAX
 
@@ -112,10 +99,10 @@ def test_declared_pixels_beyond_a_limit_are_refused_before_they_inflate(tmp_path
     start = 132 + 12 + int.from_bytes(raw[140:144], "little")  # after the preamble and file meta group
     for reader in (lambda s: read_deflated(s, "peer", stop_before_pixels=False, max_pixel_bytes=64 * MB),
                    lambda s: check_deflated(s, "peer", max_pixel_bytes=64 * MB)):
-        err, traced = _traced_peak(lambda reader=reader: reader(io.BytesIO(raw[start:])))
+        err, traced = traced_peak(lambda reader=reader: reader(io.BytesIO(raw[start:])))
         assert isinstance(err, InflateError) and "(134.2 MB of pixel data), more than the 67.1 MB allowed" in str(err)
         assert traced < HEADER_TRACED_MAX
-    header, traced = _traced_peak(lambda: check_deflated(io.BytesIO(raw[start:]), "peer", max_pixel_bytes=256 * MB))
+    header, traced = traced_peak(lambda: check_deflated(io.BytesIO(raw[start:]), "peer", max_pixel_bytes=256 * MB))
     assert (header.Rows, header.Columns) == (BOMB_SIDE, BOMB_SIDE)  # the whole stream checked, counted, dropped
     assert traced < 4 * MB
 
@@ -149,7 +136,7 @@ def test_the_series_geometry_is_checked_before_any_pixel_is_decoded(tmp_path, mu
         seen.append(declared)
         raise Refused
 
-    err, traced = _traced_peak(lambda: read_series(only_series(bomb), check_geometry=refuse))
+    err, traced = traced_peak(lambda: read_series(only_series(bomb), check_geometry=refuse))
     assert isinstance(err, Refused), err
     assert seen[-1].shape == (4096, 4096, 4)
     assert traced < 4 * MB, f"{traced / MB:.0f} MiB traced before the geometry was checked"

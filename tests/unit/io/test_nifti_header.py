@@ -3,11 +3,11 @@
 import bz2
 import gzip
 import resource
-import tracemalloc
 
 import nibabel as nib
 import numpy as np
 import pytest
+from memory_trace import traced_peak
 
 from spleen_seg.errors import InputImageError, ResourceError, SpleenSegError
 from spleen_seg.io import nifti
@@ -57,15 +57,10 @@ def test_a_1kb_file_declaring_4000_cubed_voxels_is_refused_without_allocating(tm
     _write(path, _huge_header(dtype), np.zeros(336, dtype=np.int16))  # 1,024 bytes as .nii
     assert path.stat().st_size <= 1024
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputImageError, match="truncated file or corrupt header") as err:
-            read_volume(path)
-        _, traced_peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert declared in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
-    assert traced_peak < 4 * MB  # nothing volume-sized was allocated
+    err, traced = traced_peak(lambda: read_volume(path))
+    assert isinstance(err, InputImageError) and "truncated file or corrupt header" in str(err), err
+    assert declared in str(err) and str(path) in str(err) and "\n" not in str(err)
+    assert traced < 4 * MB  # nothing volume-sized was allocated
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before < 64 * MB
     with pytest.raises(InputImageError, match="truncated file or corrupt header"):
         read_geometry(path)
@@ -95,15 +90,10 @@ def test_a_header_extension_bomb_is_refused_before_it_inflates(tmp_path, suffix)
 
     path = write_nifti_extension_bomb(tmp_path / f"bomb.nii{suffix}", 128 * MB)
     assert path.stat().st_size < 200_000
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputImageError) as err:
-            read_geometry(path)
-        _, traced_peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert traced_peak < 4 * MB
-    assert str(err.value) == (f"{path}: the header leaves 134.2 MB for header extensions before the voxels "
+    err, traced = traced_peak(lambda: read_geometry(path))
+    assert isinstance(err, InputImageError), err
+    assert traced < 4 * MB
+    assert str(err) == (f"{path}: the header leaves 134.2 MB for header extensions before the voxels "
                               "(vox_offset 134218144), more than any image needs (67.1 MB): corrupt header")
     small = write_nifti_extension_bomb(tmp_path / f"small.nii{suffix}", 1 * MB)  # within the bound: read
     assert read_geometry(small).shape == (20, 20, 10)
@@ -119,15 +109,10 @@ def test_an_extension_larger_than_vox_offset_leaves_is_refused(tmp_path):
     raw[108:112] = np.float32(352 + 64).tobytes()  # vox_offset
     head = bytes(raw) + b"\x01\0\0\0" + np.array([1 << 30, 0], dtype="<i4").tobytes()
     path = write_compressed_zeros_after(tmp_path / "lying.nii.gz", head, 64 * MB)
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputImageError, match="a header extension declares 1.1 GB where vox_offset leaves room "
-                                                  "for 64 bytes: corrupt header"):
-            read_geometry(path)
-        _, traced_peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert traced_peak < 4 * MB
+    err, traced = traced_peak(lambda: read_geometry(path))
+    assert isinstance(err, InputImageError), err
+    assert "a header extension declares 1.1 GB where vox_offset leaves room for 64 bytes: corrupt header" in str(err)
+    assert traced < 4 * MB
 
 
 def test_a_volume_larger_than_the_memory_budget_is_a_resource_error(tmp_path, monkeypatch):

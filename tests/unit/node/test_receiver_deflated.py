@@ -9,10 +9,10 @@ so the only inflating in this process is the node's. tracemalloc sees every thre
 from __future__ import annotations
 
 import logging
-import tracemalloc
 from pathlib import Path
 
 import pytest
+from memory_trace import traced_peak
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from synthetic_dicom import write_deflated_bomb_series
@@ -60,12 +60,7 @@ def send_file(port: int, path: Path, monkeypatch) -> int:
 
 
 def traced_send(port: int, path: Path, monkeypatch) -> tuple[int, int]:
-    tracemalloc.start()
-    try:
-        status = send_file(port, path, monkeypatch)
-        return status, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return traced_peak(lambda: send_file(port, path, monkeypatch))
 
 
 def test_a_deflated_bomb_within_the_limit_is_stored_without_being_inflated(node, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
+from memory_trace import traced_peak
 
 from spleen_seg.errors import ConfigError, ResourceError
 from spleen_seg.io.nifti import Geometry, read_volume, write_mask
@@ -151,15 +152,10 @@ def test_a_dicom_series_that_declares_too_much_is_refused_from_its_headers(tmp_p
         ds.save_as(path)
     series = only_series(tmp_path / "ct")
     monkeypatch.setattr(memory, "available_bytes", lambda: 2 << 30)
-    tracemalloc.start()
-    try:
-        with pytest.raises(ResourceError) as err:
-            load_input(series)
-        _, traced = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    err, traced = traced_peak(lambda: load_input(series))
+    assert isinstance(err, ResourceError), err
     assert traced < 4 * MB  # nothing volume-sized: 1.3 GB of float32 voxels were declared
-    message = str(err.value)
+    message = str(err)
     assert message.startswith(f"series {series.series_uid} in {series.folder}: needs ~")
     assert "(its 4096x4096x20 voxels, " in message and "2.1 GB free: free memory or run it on a larger machine" in message
     # The NIfTI guard's words exactly, for the same geometry.
