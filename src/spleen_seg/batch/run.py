@@ -68,7 +68,8 @@ class _Batch:
     on_result: ResultCallback | None
     summary: LiveSummary
     current: int | None = None
-    # Ray: the cases sent to the cluster and not recorded yet (the local batch has one, ``current``).
+    # The cases sent to the cluster (Ray) or to the writer thread and not recorded yet; ``current``: the
+    # local batch's case in the network.
     in_flight: set[int] = field(default_factory=set)
     results: dict[int, CaseResult] = field(default_factory=dict)
     digests: dict[int, str | None] = field(default_factory=dict)
@@ -133,14 +134,12 @@ class _Batch:
         the current case, or under Ray every case in flight (their work folders already removed or left to the
         next run), is recorded as interrupted."""
         running = self.in_flight | ({self.current} if self.current is not None else set())
-        for index in range(len(self.cases)):
-            if index in self.results:
-                continue
+        for index in sorted(running - set(self.results)):  # only these: a case not started is not hashed here
             report, _ = finished_report(self.out_dir / self.cases[index], self.identity,
                                         functools.partial(self.digest, index))
             if report is not None:
                 self.finish(index, self._from_report(index, report, reused=False), write=False)
-            elif index in running:
+            else:
                 source = input_source(self.inputs[index])
                 self.results[index] = CaseResult(source=source, case=self.cases[index], status="interrupted",
                                                  error=f"{source}: interrupted before it finished (KeyboardInterrupt)")
@@ -311,6 +310,7 @@ class _Pipeline:
         while len(self.finishing) > MAX_FINISHING - 1:
             self._record_first()
         self.finishing.append((index, self.writer.submit(finish_case, job, segmenter)))
+        batch.in_flight.add(index)  # in the writer: recorded, or found published, on Ctrl-C
         batch.current = None
         self._record_done()
 
@@ -325,6 +325,7 @@ class _Pipeline:
         result = future.result()
         self.finishing.popleft()
         self.batch.finish(index, result)
+        self.batch.in_flight.discard(index)
         self.bar.done(result)
 
     def drain(self) -> None:

@@ -56,6 +56,7 @@ derived deterministically (same files -> same UIDs) and listed in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -123,7 +124,8 @@ class DicomSeries:
     error: str = ""
     multiframe: bool = False
 
-    @property
+    # Cached: messages name it once per slice, and commonpath walks every file (O(N^2) per read).
+    @functools.cached_property
     def folder(self) -> Path:
         return Path(os.path.commonpath([str(f.parent) for f in self.files])) if self.files else Path()
 

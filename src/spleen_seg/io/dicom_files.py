@@ -135,10 +135,6 @@ class _InflatingReader:
         self._position = 0
         self._max_bytes = max_bytes
 
-    @property
-    def inflated_bytes(self) -> int:
-        return len(self._data)
-
     def _inflate_to(self, end: int) -> None:
         while len(self._data) < end and not self._inflater.eof:
             pending = self._inflater.unconsumed_tail or self._compressed.read(INFLATE_STEP_BYTES)

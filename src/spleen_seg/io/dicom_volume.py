@@ -266,10 +266,10 @@ def _read_multiframe(series: DicomSeries, check_geometry: Callable[[Geometry], o
     """An enhanced CT file through highdicom, then put into our axis convention and checked frame by frame."""
     import highdicom as hd
 
-    (header,) = _load_datasets(series, stop_before_pixels=True)
-    if check_geometry is not None:
+    if check_geometry is not None:  # the header alone (per-frame groups can be MBs): read only to check it
+        (header,) = _load_datasets(series, stop_before_pixels=True)
         check_geometry(_multiframe_geometry(header, series))
-    del header
+        del header
     (dataset,) = _load_datasets(series, stop_before_pixels=False)
     path = series.files[0]
     try:

@@ -65,6 +65,13 @@ def _file_digest(path: str | Path, algorithm: str) -> str:
 @functools.lru_cache(maxsize=16)
 def _digest_of(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
     # Keyed by size and mtime too: a rewritten file is hashed again.
+    return hash_file(path, algorithm)
+
+
+def hash_file(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file read in chunks, uncached: for files rewritten under one name within the
+    file system's timestamp resolution (the review app's staged masks), where the cached digests'
+    (size, mtime) key could return a stale one."""
     digest = hashlib.new(algorithm)
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):

@@ -36,6 +36,9 @@ REVIEW_KEY = "review"
 CORRECTED_MASK_FILENAME = "spleen_corrected.nii.gz"
 CORRECTED_SEG_FILENAME = "spleen_corrected_seg.dcm"
 AUDIT_LOG_FILENAME = "review_audit.jsonl"
+# A corrected mask, its CT and the viewer's grids are on one grid when their affines agree to this (mm):
+# NIfTI stores the sform as float32.
+AFFINE_TOLERANCE_MM = 1e-3
 DECISIONS = ("accepted", "rejected")
 STATUS_CORRECTED = "corrected"
 STATUS_UNREVIEWED = ""

@@ -35,7 +35,7 @@ from spleen_seg.batch.summary import (
 )
 from spleen_seg.errors import ConfigError
 from spleen_seg.outputs.preview import PREVIEW_FILENAME, THUMBNAIL_FILENAME
-from spleen_seg.outputs.report import REPORT_FILENAME, CaseReport, read_report
+from spleen_seg.outputs.report import REPORT_FILENAME, read_report
 from spleen_seg.outputs.review_state import CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME
 
 LAYOUT_BATCH = "batch"
@@ -215,7 +215,3 @@ def case_file(entry: CaseEntry, name: str) -> Path | None:
         return None
     return path if stat.S_ISREG(mode) else None
 
-
-def case_report(entry: CaseEntry) -> CaseReport | None:
-    path = case_file(entry, REPORT_FILENAME)
-    return read_report(path) if path is not None else None

@@ -53,7 +53,13 @@ from spleen_seg.io.atomic import atomic_write_text
 from spleen_seg.io.download import file_sha256
 from spleen_seg.io.nifti import Geometry, read_geometry, write_volume
 from spleen_seg.outputs.report import REPORT_FILENAME, CaseReport, read_report
-from spleen_seg.outputs.review_state import Correction, ReviewState, exported_label, review_from_dict
+from spleen_seg.outputs.review_state import (
+    AFFINE_TOLERANCE_MM,
+    Correction,
+    ReviewState,
+    exported_label,
+    review_from_dict,
+)
 from spleen_seg.pipeline.network import CONVENTION_MSD, CONVENTION_TRUE, ORIENTATION_CONVENTIONS
 from spleen_seg.training.data import (
     DATASET_JSON,
@@ -76,8 +82,6 @@ MARKER_CONTENT = {"written_by": "spleen-seg corrections export", "version": EXPO
 # ``--convention`` choices; "auto": that of the weights whose masks were reviewed (report.json's model).
 CONVENTION_AUTO = "auto"
 LABEL_CORRECTED, LABEL_MODEL = "corrected", "model"
-# NIfTI's sform is stored as float32: the mask's and the image's affines agree to this (mm).
-AFFINE_TOLERANCE_MM = 1e-3
 # CT voxels that are whole numbers in int16's range are stored int16, as MSD's images are.
 INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 # A dataset.json of another program is read no further than this.

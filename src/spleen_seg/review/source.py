@@ -17,10 +17,8 @@ from spleen_seg.errors import InputImageError
 from spleen_seg.io.dicom import DicomSeries
 from spleen_seg.io.nifti import Geometry, is_nifti, read_geometry, read_volume
 from spleen_seg.outputs.report import CaseReport
+from spleen_seg.outputs.review_state import AFFINE_TOLERANCE_MM
 from spleen_seg.review.cases import CaseEntry, case_file
-
-# World positions of the CT and the mask agree to this (mm): both come from the same header.
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -79,10 +77,10 @@ def read_case_source(entry: CaseEntry, report: CaseReport, mask_geometry: Geomet
         header = read_geometry(source)
         _check_grid(entry, source, header, mask_geometry)
         image, geometry = read_volume(source, max_bytes=available_bytes())
-    else:
+    else:  # a series' grid is known once its slices are read
         series = find_case_series(entry, report)
         image, geometry = load_input(series)
-    _check_grid(entry, source, geometry, mask_geometry)
+        _check_grid(entry, source, geometry, mask_geometry)
     return CaseSource(image_hu=image, geometry=geometry, series=series)
 
 

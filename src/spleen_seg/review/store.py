@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import numpy as np
 
 from spleen_seg.batch.summary import SUMMARY_FILENAME, read_summary, write_page, write_summary_rows
 from spleen_seg.io.atomic import atomic_path
+from spleen_seg.io.download import hash_file
 from spleen_seg.node.spool import fsync_dir
 from spleen_seg.outputs.report import REPORT_FILENAME, CaseReport, read_report, write_report
 from spleen_seg.outputs.review_state import (
@@ -62,7 +62,6 @@ STAGED_SUFFIX = ".staged.nii.gz"
 OWN_WRITES = (CORRECTED_MASK_FILENAME, CORRECTED_SEG_FILENAME, REPORT_FILENAME, PENDING_FILENAME)
 MAX_COMMENT_CHARS = 2000
 MAX_REVIEWER_CHARS = 100
-DIGEST_CHUNK_BYTES = 1 << 20
 OWNER_ONLY = 0o600  # a node's spool keeps its files to its owner (node/spool.py FILE_MODE)
 # Tests only: stop a save at a named stage (and say so on stderr) so that a test can kill the server there.
 TEST_PAUSE_ENV = "SPLEEN_SEG_REVIEW_TEST_PAUSE"
@@ -99,14 +98,6 @@ class CaseState:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(DIGEST_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -268,11 +259,12 @@ class ReviewStore:
             staged = folder / f".{CORRECTED_MASK_FILENAME}{STAGED_SUFFIX}"
             durable_write(staged, lambda tmp: write_mask(corrected, geometry, tmp))
             try:
-                record = correction_record(model, corrected, geometry.voxel_volume_ml, sha256=sha256_file(staged),
-                                           model_sha256=sha256_file(model_path), reviewer=self.reviewer,
+                model_sha256 = hash_file(model_path)
+                record = correction_record(model, corrected, geometry.voxel_volume_ml, sha256=hash_file(staged),
+                                           model_sha256=model_sha256, reviewer=self.reviewer,
                                            seg_file=CORRECTED_SEG_FILENAME if write_seg is not None else None)
                 new = replace(current.review, revision=current.review.revision + 1, correction=record)
-                self._commit(entry, folder, current.report, new, action="corrected",
+                self._commit(entry, folder, current.report, new, action="corrected", model_sha256=model_sha256,
                              before_report=lambda: self._place_mask(staged, dest, corrected, folder, write_seg))
             finally:
                 staged.unlink(missing_ok=True)
@@ -293,22 +285,26 @@ class ReviewStore:
             raise Conflict(entry.case, revision, current.review.revision)
         return current
 
-    def _audit_record(self, entry: CaseEntry, review: ReviewState, action: str, recovered: bool = False) -> dict[str, Any]:
+    def _audit_record(self, entry: CaseEntry, review: ReviewState, action: str, recovered: bool = False,
+                      model_sha256: str | None = None) -> dict[str, Any]:
+        """The audit line; ``model_sha256``: the model mask's digest when the caller just computed it."""
         from spleen_seg.batch.case import MASK_FILENAME
 
         model = case_file(entry, MASK_FILENAME)
+        if model_sha256 is None and model is not None:
+            model_sha256 = hash_file(model)
         correction = review.correction
         return {"time": utc_now(), "reviewer": self.reviewer, "case": entry.case, "action": action,
                 "decision": review.decision, "status": review_status(review), "revision": review.revision,
                 "comment": review.comment if action in DECISIONS else "",
-                "model_mask_sha256": sha256_file(model) if model is not None else None,
+                "model_mask_sha256": model_sha256,
                 "corrected_mask_sha256": correction.sha256 if correction is not None else None,
                 **({"recovered": True} if recovered else {})}
 
     def _commit(self, entry: CaseEntry, folder: Path, report: CaseReport, new: ReviewState, *, action: str,
-                before_report: Callable[[], None] | None = None) -> None:
+                before_report: Callable[[], None] | None = None, model_sha256: str | None = None) -> None:
         pending = folder / PENDING_FILENAME
-        audit = self._audit_record(entry, new, action)
+        audit = self._audit_record(entry, new, action, model_sha256=model_sha256)
         durable_write(pending, lambda tmp: tmp.write_text(json.dumps({"review": new.as_dict(), "audit": audit}),
                                                           encoding="utf-8"))
         _test_pause("pending-written")
@@ -394,7 +390,7 @@ class ReviewStore:
             current = self.state(entry)
             corrected = case_file(entry, CORRECTED_MASK_FILENAME)
             placed = new.correction is not None and corrected is not None and \
-                sha256_file(corrected) == new.correction.sha256
+                hash_file(corrected) == new.correction.sha256
             if current.review.revision == new.revision - 1 and placed:
                 write_seg = write_seg_for(entry)
                 if write_seg is not None and corrected is not None:

@@ -26,6 +26,7 @@ import numpy as np
 from spleen_seg.errors import SpleenSegError
 from spleen_seg.io.nifti import Geometry, read_geometry
 from spleen_seg.outputs.report import CaseReport
+from spleen_seg.outputs.review_state import AFFINE_TOLERANCE_MM
 from spleen_seg.review.cases import CaseEntry, case_file, case_folder
 from spleen_seg.review.store import ReviewRefused, durable_write, read_mask
 from spleen_seg.review.viewgrid import VIEWS, ViewGrid, plan_view, view_image, view_mask
@@ -40,7 +41,6 @@ DRAWING_SLACK_BYTES = 64 << 10
 GZIP_MAGIC = b"\x1f\x8b"
 GZIP_LEVEL = 1  # the views are made while a reviewer waits; level 1 is within 10% of the best size for CT
 GRID_CACHE_SIZE = 64
-AFFINE_TOLERANCE_MM = 1e-3
 DESCRIPTION = b"spleen-seg review view"
 
 
