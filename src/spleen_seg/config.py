@@ -110,3 +110,21 @@ TRAINING_RUN = TrainingRun()
 GROWTH_THRESHOLD_PERCENT = 10.0
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+# Byte sizes in flags and environment variables (--spool-quota, --max-instance-size,
+# SPLEEN_SEG_MEMORY_LIMIT): one grammar, so that "8G" or "512MB" means the same everywhere.
+# A bare letter (8G, as docker and ulimit write it) and KiB/MiB/GiB/TiB are binary; KB/MB/GB/TB
+# are decimal, as format_bytes prints them.
+SIZE_FORMAT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?|[KMGT]i?B|B)\s*$", flags=re.IGNORECASE)
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+SIZE_EXAMPLES = "bytes, or with a unit: 8G or 8GiB (binary), 512MB (decimal)"
+
+
+def parse_byte_size(text: str) -> int | None:
+    """``8G``/``8GiB`` -> 8 * 2**30, ``512MB`` -> 512 * 10**6, ``4096`` -> 4096; None when not a size."""
+    found = SIZE_FORMAT.match(text)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2).lower()])

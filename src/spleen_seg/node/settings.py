@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from spleen_seg.config import SIZE_EXAMPLES, SIZE_UNITS, parse_byte_size
 from spleen_seg.errors import NodeError
 
 DEFAULT_AE_TITLE = "SPLEENSEG"
@@ -49,9 +50,6 @@ DEFAULT_MAX_SERIES_INSTANCES = 5000
 # control characters; leading/trailing spaces are not significant (PS3.5 6.2, VR AE).
 AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 MAX_PORT = 65535
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -180,11 +178,10 @@ def check_tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles 
 
 
 def parse_size(text: str) -> int:
-    """``100GiB``, ``512MB``, ``2.5GB``, ``4096`` (bytes) -> bytes; at least one byte."""
-    match = SIZE_PATTERN.match(text)
-    if not match:
-        raise NodeError(f"size '{text}' is not a number of bytes with an optional unit; pass e.g. 100GiB, 512MB or 4096")
-    count = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "B").lower()])
+    """``100GiB``, ``8G``, ``512MB``, ``4096`` (bytes) -> bytes (``config.parse_byte_size``); at least one byte."""
+    count = parse_byte_size(text)
+    if count is None:
+        raise NodeError(f"size '{text}' is not a size in {SIZE_EXAMPLES}")
     if count < 1:
         raise NodeError(f"size '{text}' is zero; pass at least one byte, e.g. 1GiB")
     return count

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spleen_seg.config import RECIPE, Recipe
+from spleen_seg.config import RECIPE, SIZE_EXAMPLES, Recipe, parse_byte_size
 from spleen_seg.errors import ConfigError, ResourceError, format_bytes
 from spleen_seg.io.nifti import READ_SLAB_BYTES
 from spleen_seg.pipeline.resample import RESAMPLE_CHUNK_BYTES, Reorientation, pass_order, spacing_grid
@@ -57,8 +57,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # A limit on this process's memory where no cgroup sets one (a shared machine, a scheduler
 # that does not enforce its memory request): bytes, or with a binary suffix K, M, G or T.
 MEMORY_LIMIT_ENV = "SPLEEN_SEG_MEMORY_LIMIT"
-MEMORY_LIMIT_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-MEMORY_LIMIT_FORMAT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -187,16 +185,15 @@ def _cgroup_free_bytes() -> int | None:
 def memory_limit_bytes() -> int | None:
     """The limit ``SPLEEN_SEG_MEMORY_LIMIT`` sets on this process's memory (bytes), None when unset.
 
-    Raises ``ConfigError`` for a value that is not a size such as ``8G``, ``512M`` or ``1000000``.
+    Raises ``ConfigError`` for a value that is not a size (``config.parse_byte_size``: 8G, 512MB, bytes).
     """
     text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
     if not text:
         return None
-    found = MEMORY_LIMIT_FORMAT.match(text)
-    if found is None:
-        raise ConfigError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a memory size in bytes, or with a suffix K, M, G "
-                          "or T (binary units), such as 8G or 512M")
-    return int(float(found.group(1)) * MEMORY_LIMIT_UNITS[found.group(2).upper()])
+    limit = parse_byte_size(text)
+    if limit is None:
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}={text!r}: expected a memory size in {SIZE_EXAMPLES}")
+    return limit
 
 
 def available_bytes() -> int:

@@ -88,7 +88,9 @@ def test_allowed_hosts_and_sizes(tmp_path):
         parse_host_list(" , ")
     assert [parse_size(t) for t in ("100GiB", "512MB", "2.5 kb", "4096", "1B")] == [100 * 2**30, 512 * 10**6, 2500, 4096,
                                                                                    1]
-    for bad in ("", "ten GB", "-1GB", "1 PB", "0"):
+    # One grammar with SPLEEN_SEG_MEMORY_LIMIT (config.parse_byte_size): a bare letter is binary
+    assert [parse_size(t) for t in ("8G", "8g", "512M", "1.5T")] == [8 * 2**30, 8 * 2**30, 512 * 2**20, 3 * 2**39]
+    for bad in ("", "ten GB", "-1GB", "1 PB", "0", "8GG"):
         with pytest.raises(NodeError, match="size"):
             parse_size(bad)
     assert [format_size(n) for n in (2**30, 100 * 2**30, 1536 * 2**10, 1000)] == ["1GiB", "100GiB", "1536KiB", "1000B"]

@@ -135,6 +135,13 @@ def test_memory_limit_env_caps_available_memory(monkeypatch):
     assert memory.available_bytes() == 0  # the process already holds more
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "512MiB")
     assert memory.memory_limit_bytes() == 512 * MB
+    # The node's --spool-quota grammar: GB decimal, as format_bytes prints it
+    from spleen_seg.node.settings import parse_size
+
+    for text in ("8GB", "8G", "8 gib", "2.5 kb", "4096"):
+        monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, text)
+        assert memory.memory_limit_bytes() == parse_size(text)
+    assert memory.memory_limit_bytes() == 4096 and parse_size("8GB") == 8 * 10**9
     for bad in ("lots", "8 X", "-1G"):
         monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, bad)
         with pytest.raises(ConfigError, match=f"SPLEEN_SEG_MEMORY_LIMIT='{bad}': expected a memory size"):
