@@ -100,6 +100,15 @@ class RecordRefused(Exception):
     """A received instance was not recorded (the transaction rolled back): its C-STORE gets a failure status."""
 
 
+def check_series_room(db: sqlite3.Connection, item: NewInstance, max_series_instances: int) -> None:
+    """``RecordRefused`` when the series of ``item`` holds ``max_series_instances`` other instances on disk."""
+    held = db.execute("SELECT COUNT(*) FROM instances WHERE series_key = ? AND path IS NOT NULL "
+                      "AND sop_instance_uid != ?", (item.series_key, item.sop_instance_uid)).fetchone()[0]
+    if held >= max_series_instances:
+        raise RecordRefused(f"series {item.series_key} already holds {held} instances in the spool "
+                            f"(--max-series-instances {max_series_instances})")
+
+
 def is_job_table(path: Path) -> bool:
     """True when ``path`` is an SQLite database holding a job table of this schema version.
 
@@ -274,11 +283,7 @@ class JobTable:
                                (now, now, latest["id"]))
                 return None
             if max_series_instances is not None:
-                held = db.execute("SELECT COUNT(*) FROM instances WHERE series_key = ? AND path IS NOT NULL "
-                                  "AND sop_instance_uid != ?", (item.series_key, item.sop_instance_uid)).fetchone()[0]
-                if held >= max_series_instances:
-                    raise RecordRefused(f"series {item.series_key} already holds {held} instances in the spool "
-                                        f"(--max-series-instances {max_series_instances})")
+                check_series_room(db, item, max_series_instances)
             if latest is not None and latest["state"] in (RECEIVING, COMPLETE):
                 job_id = latest["id"]
                 db.execute("UPDATE jobs SET state = ?, instances = instances + 1, last_instance_at = ?, updated_at = ?,"
@@ -294,6 +299,13 @@ class JobTable:
                 "transfer_syntax, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (item.sop_instance_uid, item.series_key, job_id, item.path, item.sop_class_uid, item.transfer_syntax, now))
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def check_series_room(self, item: NewInstance, max_series_instances: int) -> None:
+        """Raise ``RecordRefused`` when ``item``'s series already holds ``max_series_instances``:
+        read before the instance is written, so that a full series costs no write and fsync
+        (``record_instance`` checks again inside its transaction)."""
+        with self._lock:
+            check_series_room(self._db, item, max_series_instances)
 
     def instance_paths(self) -> set[str]:
         """Spool paths of every recorded instance still on disk."""
@@ -425,14 +437,12 @@ class JobTable:
         """Jobs whose result folders are kept on start: queued, sent, or failed (for inspection)."""
         return {row[0] for row in self._query("SELECT id FROM jobs WHERE state IN (?, ?, ?)", (SENDING, DONE, FAILED))}
 
-    def expired_series(self, cutoff: float) -> dict[str, list[int]]:
-        """Series whose latest job finished before ``cutoff`` and whose files are still kept: {key: job ids}."""
-        rows = self._query(
+    def expired_series(self, cutoff: float) -> list[str]:
+        """Keys of the series whose latest job finished before ``cutoff`` and whose files are still kept."""
+        return [row[0] for row in self._query(
             "SELECT j.series_key FROM jobs j WHERE j.purged = 0 AND j.id = "
-            "(SELECT MAX(id) FROM jobs WHERE series_key = j.series_key) AND j.state IN (?, ?) AND j.updated_at < ?",
-            (DONE, FAILED, cutoff))
-        return {row[0]: [r[0] for r in self._query("SELECT id FROM jobs WHERE series_key = ?", (row[0],))]
-                for row in rows}
+            "(SELECT MAX(id) FROM jobs WHERE series_key = j.series_key) AND j.state IN (?, ?) AND j.updated_at < ? "
+            "ORDER BY j.id", (DONE, FAILED, cutoff))]
 
     def purge_if_expired(self, series_key: str, cutoff: float,
                          retire: Callable[[str], Path | None]) -> tuple[list[int], Path | None] | None:

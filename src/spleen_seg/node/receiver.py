@@ -306,6 +306,12 @@ class Receiver:
             return refused(f"spool disk nearly full ({free // 1024**2} MiB free)", logging.ERROR)
         path = None
         try:
+            self.table.check_series_room(record, self.settings.max_series_instances)
+        except RecordRefused as err:
+            return refused(str(err), logging.WARNING)
+        except sqlite3.Error as err:
+            return refused(f"cannot read the job table ({err})", logging.ERROR)
+        try:
             path = self.spool.write_instance(record.series_key, record.sop_instance_uid, data,
                                              quota_bytes=self.settings.spool_quota_bytes)
             job = self.table.record_instance(replace(record, path=path), self.clock(), file=self.spool.root / path,

@@ -290,17 +290,21 @@ class Spool:
         the node died, so its C-STORE was never acknowledged and the sender will send it
         again. Returns the number of files removed.
         """
-        removed = 0
+        removed = kept_bytes = 0
         for tmp in self.incoming.iterdir():
             tmp.unlink(missing_ok=True)
             removed += 1
         for folder in self.series_root.iterdir():
             for path in folder.iterdir():
                 if self.relative(path) not in known_instances:
-                    self._unlink_counted(path)
+                    path.unlink(missing_ok=True)
                     removed += 1
+                elif path.name.endswith(INSTANCE_SUFFIX):
+                    kept_bytes += path.stat().st_size
         for retired in self.purging.iterdir():  # a kill in the middle of a retention sweep
             shutil.rmtree(retired, ignore_errors=True)
+        with self._bytes_lock:  # counted on this walk, not again on the first C-STORE (under the lock)
+            self._instance_bytes = kept_bytes
         return removed
 
     def remove_partial_results(self, keep_jobs: set[int]) -> None:

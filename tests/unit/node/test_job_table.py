@@ -187,14 +187,14 @@ def test_expired_series_and_purge_keep_uids(table):
     table.complete_quiet(now=110.0, quiet_seconds=QUIET)
     job = table.claim_next(now=111.0)
     table.finish_processing(job.id, [seg(job.id)], (), now=112.0)
-    assert table.expired_series(cutoff=112.0) == {}
-    assert table.expired_series(cutoff=113.0) == {"1.2.3": [job.id]}  # series 2 is still complete, not finished
+    assert table.expired_series(cutoff=112.0) == []
+    assert table.expired_series(cutoff=113.0) == ["1.2.3"]  # series 2 is still complete, not finished
     retired = []
     assert table.purge_if_expired("2", 1000.0, retired.append) is None  # not finished: nothing retired
     assert table.purge_if_expired("1.2.3", 113.0, lambda key: retired.append(key)) == ([job.id], None)
     assert retired == ["1.2.3"]
     assert table.series_paths("1.2.3") == [] and table.has_instance("1.1")
-    assert table.expired_series(cutoff=1000.0) == {}
+    assert table.expired_series(cutoff=1000.0) == []
     assert table.purge_if_expired("1.2.3", 1000.0, retired.append) is None  # purged once
 
 

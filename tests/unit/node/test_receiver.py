@@ -315,10 +315,16 @@ def test_over_the_spool_quota_answers_out_of_resources_loses_nothing_and_accepts
         table.close()
 
 
-def test_instances_over_the_series_limit_answer_out_of_resources(tmp_path):
+def test_instances_over_the_series_limit_answer_out_of_resources(tmp_path, monkeypatch):
     receiver, table, spool = start(tmp_path, max_series_instances=2)
+    written = []
+    write = spool.write_instance
+    monkeypatch.setattr(spool, "write_instance", lambda *args, **kw: written.append(args[1]) or write(*args, **kw))
     try:
-        assert store_all(receiver.port, ct_series(tmp_path / "in", n=3)) == [0, 0, STATUS_OUT_OF_RESOURCES]
+        series = ct_series(tmp_path / "in", n=3)
+        assert store_all(receiver.port, series) == [0, 0, STATUS_OUT_OF_RESOURCES]
+        # the full series is refused before the third instance is written (no write, no fsync)
+        assert written == [str(ds.SOPInstanceUID) for ds in series[:2]]
         (job,) = table.jobs()
         assert job.instances == 2 and len(table.series_paths(job.series_key)) == 2
         assert len(list(spool.series_root.rglob("*.dcm"))) == 2 and list(spool.incoming.iterdir()) == []

@@ -176,3 +176,9 @@ def test_the_quota_counts_instances_written_replaced_and_removed(tmp_path):
     spool.write_instance("1.3", "1.3.1", b"c" * 1000, quota_bytes=1000)
     spool.delete_retired(spool.retire_series("1.3"), [])
     assert spool.instance_bytes() == 0 and list(spool.purging.iterdir()) == []
+    # After a kill: remove_strays counts what it keeps on its own walk of the spool
+    kept = spool.write_instance("1.4", "1.4.1", b"d" * 700)
+    spool.write_instance("1.4", "1.4.2", b"e" * 200)  # written, never recorded
+    restarted = Spool(spool.root)
+    assert restarted.remove_strays({kept}) == 1
+    assert restarted._instance_bytes == 700 == restarted.instance_bytes()
