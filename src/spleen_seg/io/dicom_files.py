@@ -135,17 +135,30 @@ class _InflatingReader:
         self._position = 0
         self._max_bytes = max_bytes
 
+    def set_limit(self, max_bytes: int) -> None:
+        """Let the stream inflate up to ``max_bytes`` from now on (once its header declared how much it holds)."""
+        self._max_bytes = max_bytes
+
+    def _inflate_step(self, inflated: int) -> bytes:
+        """The next inflated bytes (at most ``INFLATE_STEP_BYTES``), ``inflated`` bytes having been made so far."""
+        pending = self._inflater.unconsumed_tail or self._compressed.read(INFLATE_STEP_BYTES)
+        if not pending:
+            raise InflateError(f"the deflated data set is cut short after {format_bytes(inflated)} (truncated file)")
+        chunk = self._inflater.decompress(pending, min(self._max_bytes + 1 - inflated, INFLATE_STEP_BYTES))
+        if inflated + len(chunk) > self._max_bytes:
+            raise InflateError(f"the deflated data set inflates beyond {format_bytes(self._max_bytes)}, "
+                               "more than its header declares")
+        return chunk
+
     def _inflate_to(self, end: int) -> None:
         while len(self._data) < end and not self._inflater.eof:
-            pending = self._inflater.unconsumed_tail or self._compressed.read(INFLATE_STEP_BYTES)
-            if not pending:
-                raise InflateError(f"the deflated data set is cut short after {format_bytes(len(self._data))} "
-                                   "(truncated file)")
-            room = self._max_bytes + 1 - len(self._data)
-            self._data += self._inflater.decompress(pending, min(room, INFLATE_STEP_BYTES))
-            if len(self._data) > self._max_bytes:
-                raise InflateError(f"the deflated data set inflates beyond {format_bytes(self._max_bytes)}, "
-                                   "more than its header declares")
+            self._data += self._inflate_step(len(self._data))
+
+    def drain(self) -> None:
+        """Inflate the rest of the stream within the limit, counting the bytes and dropping them."""
+        inflated = len(self._data)
+        while not self._inflater.eof:
+            inflated += len(self._inflate_step(inflated))
 
     def read(self, size: int | None = -1) -> bytes:
         end = self._max_bytes + 1 if size is None or size < 0 else self._position + size
@@ -178,24 +191,27 @@ def declared_pixel_bytes(ds: Dataset) -> int:
         return 0
 
 
-def _inflate(stream: BinaryIO, start: int, max_bytes: int, name: str, *, stop_before_pixels: bool) -> tuple[Dataset, int]:
-    """The data set deflated in ``stream`` from ``start``, and how many bytes were inflated to read it."""
-    stream.seek(start)
-    reader = _InflatingReader(stream, max_bytes, name)
-    ds = read_encoded_dataset(reader, is_implicit_VR=False, is_little_endian=True,  # type: ignore[arg-type]
-                              stop_when=_at_pixel_data if stop_before_pixels else None)
-    return ds, reader.tell()
+def _parse(reader: _InflatingReader, *, stop_before_pixels: bool) -> Dataset:
+    """The data set ``reader`` inflates, from its first byte (what was inflated before is kept, not made again)."""
+    reader.seek(0)
+    return read_encoded_dataset(reader, is_implicit_VR=False, is_little_endian=True,  # type: ignore[arg-type]
+                                stop_when=_at_pixel_data if stop_before_pixels else None)
 
 
-def _deflated_limit(stream: BinaryIO, name: str, max_pixel_bytes: int | None) -> tuple[Dataset, int, int]:
-    """(header, start, inflated-bytes limit) of the deflated data set in ``stream`` from its position.
+def _read_header(stream: BinaryIO, name: str) -> tuple[_InflatingReader, Dataset]:
+    """The reader of the deflated data set in ``stream`` from its position, and its header (no pixel data)."""
+    reader = _InflatingReader(stream, DEFLATED_HEADER_MAX_BYTES, name)
+    return reader, _parse(reader, stop_before_pixels=True)
+
+
+def _allow_declared(reader: _InflatingReader, header: Dataset, compressed_bytes: int,
+                    max_pixel_bytes: int | None) -> None:
+    """Let ``reader`` inflate what ``header`` declares (and its trailer), once checked.
 
     Raises ``InflateError`` when the header declares more pixel data than
     ``max_pixel_bytes`` or than its compressed bytes can hold.
     """
-    start = stream.tell()
-    compressed_bytes = stream.seek(0, os.SEEK_END) - start
-    header, header_bytes = _inflate(stream, start, DEFLATED_HEADER_MAX_BYTES, name, stop_before_pixels=True)
+    header_bytes = reader.tell()  # the parser stopped at the pixel data's element
     declared = declared_pixel_bytes(header)
     described = (f"the header declares {header.get('Rows', '?')} x {header.get('Columns', '?')} pixels x "
                  f"{header.get('NumberOfFrames', 1) or 1} frames of {header.get('BitsAllocated', '?')} bits "
@@ -205,7 +221,15 @@ def _deflated_limit(stream: BinaryIO, name: str, max_pixel_bytes: int | None) ->
     if header_bytes + declared > DEFLATE_MAX_RATIO * compressed_bytes:
         raise InflateError(f"{described} in {format_bytes(compressed_bytes)}, which deflate cannot expand beyond "
                            f"{format_bytes(DEFLATE_MAX_RATIO * compressed_bytes)}: truncated or corrupt")
-    return header, start, header_bytes + PIXEL_ELEMENT_HEADER_BYTES + declared + DEFLATED_TRAILER_MAX_BYTES
+    reader.set_limit(header_bytes + PIXEL_ELEMENT_HEADER_BYTES + declared + DEFLATED_TRAILER_MAX_BYTES)
+
+
+def _compressed_bytes(stream: BinaryIO) -> int:
+    """Bytes from the stream's position to its end; the position is kept."""
+    start = stream.tell()
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(start)
+    return end - start
 
 
 def read_deflated(stream: BinaryIO, name: str, *, stop_before_pixels: bool, max_pixel_bytes: int | None = None) -> Dataset:
@@ -215,15 +239,17 @@ def read_deflated(stream: BinaryIO, name: str, *, stop_before_pixels: bool, max_
     ``DEFLATED_HEADER_MAX_BYTES``. With ``stop_before_pixels`` that is all. Otherwise
     the pixel data the header declares is checked against ``max_pixel_bytes`` (when
     given) and against what the compressed bytes can hold (``DEFLATE_MAX_RATIO``), and
-    only then inflated, up to the declared size plus ``DEFLATED_TRAILER_MAX_BYTES``.
-    ``name`` names the stream in pydicom's messages (ours leave naming it to the
-    caller). Raises ``InflateError`` (a ValueError) for a stream beyond a bound,
-    declaring more than it can hold, or cut short.
+    only then inflated, up to the declared size plus ``DEFLATED_TRAILER_MAX_BYTES``; the
+    header is inflated once. ``name`` names the stream in pydicom's messages (ours leave
+    naming it to the caller). Raises ``InflateError`` (a ValueError) for a stream beyond
+    a bound, declaring more than it can hold, or cut short.
     """
+    compressed_bytes = _compressed_bytes(stream)
+    reader, header = _read_header(stream, name)
     if stop_before_pixels:
-        return _inflate(stream, stream.tell(), DEFLATED_HEADER_MAX_BYTES, name, stop_before_pixels=True)[0]
-    _, start, limit = _deflated_limit(stream, name, max_pixel_bytes)
-    return _inflate(stream, start, limit, name, stop_before_pixels=False)[0]
+        return header
+    _allow_declared(reader, header, compressed_bytes, max_pixel_bytes)
+    return _parse(reader, stop_before_pixels=False)
 
 
 def check_deflated(stream: BinaryIO, name: str, *, max_pixel_bytes: int) -> Dataset:
@@ -233,18 +259,10 @@ def check_deflated(stream: BinaryIO, name: str, *, max_pixel_bytes: int) -> Data
     header is counted and dropped, ``INFLATE_STEP_BYTES`` at a time: whatever the data set
     holds, checking it costs the header's memory. Raises ``InflateError``.
     """
-    header, start, limit = _deflated_limit(stream, name, max_pixel_bytes)
-    stream.seek(start)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = 0
-    while not inflater.eof:
-        pending = inflater.unconsumed_tail or stream.read(INFLATE_STEP_BYTES)
-        if not pending:
-            raise InflateError(f"the deflated data set is cut short after {format_bytes(inflated)} (truncated)")
-        inflated += len(inflater.decompress(pending, INFLATE_STEP_BYTES))
-        if inflated > limit:
-            raise InflateError(f"the deflated data set inflates beyond {format_bytes(limit)}, more than its header "
-                               "declares")
+    compressed_bytes = _compressed_bytes(stream)
+    reader, header = _read_header(stream, name)
+    _allow_declared(reader, header, compressed_bytes, max_pixel_bytes)
+    reader.drain()
     return header
 
 
