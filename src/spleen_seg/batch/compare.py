@@ -21,14 +21,18 @@ import numpy as np
 
 from spleen_seg.batch.case import MASK_FILENAME, CaseResult, SegmentOptions
 from spleen_seg.batch.inputs import FailedInput, InputItem, collect_inputs, load_input
+from spleen_seg.batch.ownership import check_file
 from spleen_seg.config import GROWTH_THRESHOLD_PERCENT
 from spleen_seg.errors import ConfigError, InputImageError
 from spleen_seg.outputs.compare import (
     COMPARE_FILENAME,
     COMPARE_PREVIEW_FILENAME,
+    PNG_SIGNATURE,
     Comparison,
     ScanSide,
     compare_scans,
+    is_compare_preview,
+    is_compare_record,
     write_compare_preview,
     write_comparison,
 )
@@ -92,6 +96,18 @@ def _side(role: str, result: CaseResult, patient: dict[str, str]) -> ScanSide:
                     spleen_found=result.report.spleen_found, volume_ml=result.report.volume_ml, patient=patient)
 
 
+def check_compare_outputs(out_dir: Path) -> None:
+    """Raise ``ForeignOutputError`` when ``OUT/compare.json`` or ``OUT/compare.png`` exists and is
+    not this program's, before anything is computed or written. A preview without the mark
+    (written before it existed) is this program's when the record beside it is."""
+    record = out_dir / COMPARE_FILENAME
+    check_file(record, is_compare_record, "a comparison record")
+    earlier_pair = record.is_file()  # recognised just above
+    check_file(out_dir / COMPARE_PREVIEW_FILENAME,
+               lambda head: is_compare_preview(head) or (earlier_pair and head.startswith(PNG_SIGNATURE)),
+               "a comparison preview")
+
+
 def compare_followup(prior: str | Path, current: str | Path, out_dir: Path, weights: Path, device: str, *,
                      backend: str = "auto", progress: bool = True, options: SegmentOptions | None = None,
                      growth_threshold_percent: float = GROWTH_THRESHOLD_PERCENT, force: bool = False,
@@ -109,6 +125,7 @@ def compare_followup(prior: str | Path, current: str | Path, out_dir: Path, weig
     patients = [_patient(item) for item in items]
     sources = (Path(prior), Path(current))
     check, warnings = check_patients(patients[0], patients[1], force, sources)
+    check_compare_outputs(out_dir)
     results = segment_files(items, out_dir, weights, device, backend=backend, progress=progress, options=options,
                             overwrite=overwrite, cases=list(ROLES))
     sides = [_side(role, result, patient) for role, result, patient in zip(ROLES, results, patients, strict=True)]

@@ -30,6 +30,11 @@ from spleen_seg.outputs.preview import DPI, draw_panel
 COMPARE_FILENAME = "compare.json"
 COMPARE_PREVIEW_FILENAME = "compare.png"
 COMPARE_VERSION = 1
+# What marks the two files as this program's, so that a rerun replaces them and nothing
+# else of the same name (batch.compare checks both before it computes anything).
+COMPARE_RECORD_HEAD = b'{\n  "compare_version":'
+COMPARE_PREVIEW_SOFTWARE = "spleen-seg compare"  # the PNG's Software text chunk, before its pixels
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVELS = (0.25, 0.5, 0.75)  # fractions of the spleen's head-feet extent, from its lowest slice
 FIGURE_SIZE_IN = (16.0, 8.5)
 
@@ -154,8 +159,19 @@ def write_compare_preview(prior: tuple[np.ndarray, np.ndarray, np.ndarray], curr
     figure.suptitle(title, color="white", fontsize=13)
     figure.tight_layout()
     with atomic_path(dest) as tmp:
-        figure.savefig(tmp, format="png", facecolor=figure.get_facecolor(), pil_kwargs={"compress_level": 1})
+        figure.savefig(tmp, format="png", facecolor=figure.get_facecolor(), pil_kwargs={"compress_level": 1},
+                       metadata={"Software": COMPARE_PREVIEW_SOFTWARE})
     return dest
+
+
+def is_compare_record(head: bytes) -> bool:
+    """True for the first bytes of a ``compare.json`` this program wrote (``Comparison.to_json``)."""
+    return head.startswith(COMPARE_RECORD_HEAD)
+
+
+def is_compare_preview(head: bytes) -> bool:
+    """True for the first bytes of a ``compare.png`` this program wrote (its Software text chunk)."""
+    return head.startswith(PNG_SIGNATURE) and COMPARE_PREVIEW_SOFTWARE.encode() in head
 
 
 def summary_line(comparison: Comparison) -> str:

@@ -18,7 +18,7 @@ from threshold_network import SPLEEN_HU, install_threshold_network, sphere
 
 from spleen_seg.batch.case import SegmentOptions
 from spleen_seg.batch.compare import compare_followup
-from spleen_seg.errors import ConfigError
+from spleen_seg.errors import ConfigError, ForeignOutputError
 from spleen_seg.outputs.compare import COMPARE_FILENAME, COMPARE_PREVIEW_FILENAME, level_slices
 
 VOXEL_ML = 1.5 * 1.5 * 2.0 / 1000.0  # sphere()'s voxels
@@ -101,3 +101,29 @@ def test_levels_are_relative_to_each_spleens_extent():
     mask[:, :, 10:31] = 1  # slices 10..30
     assert level_slices(mask) == [15, 20, 25]
     assert level_slices(np.zeros((4, 4, 9), dtype=np.uint8)) == [4, 4, 4]
+
+
+def test_a_compare_json_or_png_of_someone_else_is_left_as_it_is(tmp_path, monkeypatch, weights):
+    """OUT holds a user's compare.json, then a user's compare.png: refused before anything is
+    computed or written; an earlier run's pair (a preview from before the mark) is replaced."""
+    network = install_threshold_network(monkeypatch)
+    prior, current = sphere(tmp_path / "prior.nii.gz", 5), sphere(tmp_path / "current.nii.gz", 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = {COMPARE_FILENAME: b'{"notes": "mine"}\n',
+              COMPARE_PREVIEW_FILENAME: b"\x89PNG\r\n\x1a\n" + bytes(200)}  # a PNG spleen-seg did not write
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+        with pytest.raises(ForeignOutputError, match=f"{out / name} exists and is not a comparison"):
+            compare_followup(prior, current, out, weights, "cpu", progress=False, options=FAST)
+        assert (out / name).read_bytes() == data and sorted(p.name for p in out.iterdir()) == [name]
+        assert network.loads == 0  # refused before the model loaded
+        (out / name).unlink()
+    compare_followup(prior, current, out, weights, "cpu", progress=False, options=FAST)
+    assert b"spleen-seg compare" in (out / COMPARE_PREVIEW_FILENAME).read_bytes()[:4096]
+    # A preview written before the mark existed, beside this program's record: replaced
+    with Image.open(out / COMPARE_PREVIEW_FILENAME) as image:
+        image.save(out / COMPARE_PREVIEW_FILENAME, format="PNG")  # PIL drops the Software chunk
+    assert b"spleen-seg compare" not in (out / COMPARE_PREVIEW_FILENAME).read_bytes()[:4096]
+    compare_followup(prior, current, out, weights, "cpu", progress=False, options=FAST)
+    assert b"spleen-seg compare" in (out / COMPARE_PREVIEW_FILENAME).read_bytes()[:4096]
