@@ -306,12 +306,8 @@ class Receiver:
             return refused(f"spool disk nearly full ({free // 1024**2} MiB free)", logging.ERROR)
         path = None
         try:
+            # a full series costs a read, not a write and an fsync (the transaction checks again)
             self.table.check_series_room(record, self.settings.max_series_instances)
-        except RecordRefused as err:
-            return refused(str(err), logging.WARNING)
-        except sqlite3.Error as err:
-            return refused(f"cannot read the job table ({err})", logging.ERROR)
-        try:
             path = self.spool.write_instance(record.series_key, record.sop_instance_uid, data,
                                              quota_bytes=self.settings.spool_quota_bytes)
             job = self.table.record_instance(replace(record, path=path), self.clock(), file=self.spool.root / path,
@@ -320,7 +316,8 @@ class Receiver:
             return refused(str(err), logging.WARNING)
         except RecordRefused as err:
             # Rolled back: nothing refers to the file, which goes (the sender keeps the instance).
-            self.spool.remove_instance(str(path))
+            if path is not None:
+                self.spool.remove_instance(path)
             return refused(str(err), logging.WARNING)
         except (OSError, sqlite3.Error) as err:
             return refused(f"cannot write the spool ({err})", logging.ERROR)
